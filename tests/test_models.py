@@ -1,0 +1,153 @@
+"""Model tests: causality (memory included), gradient flow, paired init, shapes, size."""
+import copy
+
+import pytest
+import torch
+
+import dnc_gpt2 as D
+
+LINKS = pytest.mark.parametrize("links", [False, True], ids=["links_off", "links_on"])
+
+
+def tiny_cfg(links, **kw):
+    return D.Config(hidden_size=32, num_layers=2, num_heads=2, mem_slots=8, mem_width=6,
+                    num_reads=3, seq_len=16, vocab_size=97, dropout=0.0,
+                    temporal_links=links, **kw)
+
+
+def tiny_model(use_dnc, links):
+    cfg = tiny_cfg(links)
+    return cfg, D.build_model(cfg, use_dnc).eval()
+
+
+def random_ids(cfg, batch=2, length=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, length or cfg.seq_len), generator=gen)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@LINKS
+@pytest.mark.parametrize("use_dnc", [False, True], ids=["baseline", "dnc"])
+def test_causal_and_per_sequence(use_dnc, links):
+    cfg, model = tiny_model(use_dnc, links)
+    ids = random_ids(cfg)
+    fields = ["logits"] + (["nomem_logits", "write_gate", "write_weights"] if use_dnc else [])
+    with torch.no_grad():
+        ref = model(ids)
+        for k in (1, 7, cfg.seq_len - 1):
+            edited = ids.clone()
+            edited[0, k] = (ids[0, k] + 1) % cfg.vocab_size
+            out = model(edited)
+            for name in fields:
+                diff = (getattr(ref, name) - getattr(out, name)).abs()
+                # Positions before the edit must not see it, through attention or memory.
+                assert diff[0, :k].max() <= 1e-5, (name, k)
+                # ... and the edited position must (else the check above is vacuous).
+                assert diff[0, k:].max() > 1e-5, (name, k)
+                # The other sequence in the batch has its own memory state.
+                assert diff[1].max() <= 1e-5, (name, k)
+
+
+@LINKS
+def test_gradients_reach_every_parameter(links):
+    cfg, model = tiny_model(True, links)
+    # One projection may produce the whole interface, so a dead part of it (say, unused free
+    # gates) would not show as a zero parameter gradient: record each activated field too.
+    ifaces, interface = [], model.memory.interface
+
+    def recording_interface(h):
+        iface = interface(h)
+        for value in iface:
+            if value is not None:
+                value.retain_grad()
+        ifaces.append(iface)
+        return iface
+
+    model.memory.interface = recording_interface
+    ids = random_ids(cfg, length=cfg.seq_len + 1)
+    total, _ = D.compute_loss(model(ids[:, :-1]), ids[:, 1:], cfg)
+    total.backward()
+    dead = [name for name, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or p.grad.count_nonzero() == 0)]
+    assert not dead
+    for field in D.DNCInterface._fields:
+        values = [getattr(i, field) for i in ifaces if getattr(i, field) is not None]
+        if field == "read_modes" and not links:
+            continue
+        assert any(v.grad is not None and v.grad.count_nonzero() > 0 for v in values), field
+
+
+@LINKS
+def test_paired_init_and_tied_head(links):
+    cfg = tiny_cfg(links)
+    # Different caller RNG states: build_model must seed itself for the pair to match.
+    torch.manual_seed(0)
+    base = D.build_model(cfg, False)
+    torch.manual_seed(1)
+    dnc = D.build_model(cfg, True)
+    base_sd, dnc_sd = base.transformer.state_dict(), dnc.transformer.state_dict()
+    assert base_sd.keys() == dnc_sd.keys()
+    for key in base_sd:
+        assert torch.equal(base_sd[key], dnc_sd[key]), key
+    for model in (base, dnc):
+        assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@LINKS
+def test_output_shapes(links):
+    cfg = tiny_cfg(links)
+    ids = random_ids(cfg)
+    B, T, V, N = 2, cfg.seq_len, cfg.vocab_size, cfg.mem_slots
+    with torch.no_grad():
+        base = D.build_model(cfg, False).eval()(ids)
+        dnc = D.build_model(cfg, True).eval()(ids)
+    assert isinstance(base, D.LMOutput) and isinstance(dnc, D.LMOutput)
+    assert base.logits.shape == (B, T, V)
+    assert base.write_gate is None and base.write_weights is None and base.nomem_logits is None
+    assert dnc.logits.shape == dnc.nomem_logits.shape == (B, T, V)
+    assert dnc.write_gate.shape == (B, T)
+    assert dnc.write_weights.shape == (B, T, N)
+    # w^w = g^w [g^a a + (1 - g^a) c^w] with sum(a) <= 1 and sum(c^w) = 1, so 0 <= sum(w^w) <= g^w.
+    gate, weights = dnc.write_gate, dnc.write_weights
+    assert ((gate > 0) & (gate < 1)).all()
+    assert (weights >= 0).all()
+    assert (weights.sum(-1) <= gate + 1e-6).all()
+
+
+@LINKS
+def test_nomem_logits_is_model_without_read_path(links):
+    cfg, model = tiny_model(True, links)
+    ids = random_ids(cfg)
+    ablated = copy.deepcopy(model)
+    with torch.no_grad():
+        ablated.read_proj.weight.zero_()
+        ablated.read_proj.bias.zero_()
+        out, abl = model(ids), ablated(ids)
+        head_on_hidden = model.lm_head(model.transformer(ids).last_hidden_state)
+    torch.testing.assert_close(abl.logits, out.nomem_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(head_on_hidden, out.nomem_logits, rtol=0, atol=1e-5)
+    # The read path must contribute at init, else mem KL, routing target and memory grads are all zero.
+    assert (out.logits - out.nomem_logits).abs().max() > 1e-5
+
+
+def test_default_config_dnc_adds_0p5_to_2p5_million_params():
+    cfg = D.Config()
+    extra = n_params(D.build_model(cfg, True)) - n_params(D.build_model(cfg, False))
+    assert 0.5e6 <= extra <= 2.5e6, extra
+
+
+@LINKS
+def test_realistic_small_forward_backward(links):
+    # Reference memory size and the GPT-2 vocabulary, a small transformer, dropout active.
+    cfg = D.Config(hidden_size=128, num_layers=2, num_heads=4, seq_len=64, temporal_links=links)
+    model = D.build_model(cfg, True).train()
+    ids = random_ids(cfg, length=cfg.seq_len + 1)
+    total, parts = D.compute_loss(model(ids[:, :-1]), ids[:, 1:], cfg)
+    total.backward()
+    assert torch.isfinite(total)
+    assert set(parts) == {"lm", "routing", "entropy"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in parts.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

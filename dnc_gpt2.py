@@ -1044,6 +1044,9 @@ def inspect_writes(model, tokenizer, snippet):
 def run(cfg, argv, stop):
     device = resolve_device(cfg)
     tokenizer = load_tokenizer()
+    if cfg.vocab_size != len(tokenizer):
+        raise ConfigError(f"--vocab_size={cfg.vocab_size}: the GPT-2 tokenizer has {len(tokenizer)} "
+                          f"tokens; leave vocab_size at {len(tokenizer)}")
     streams, source = load_data(cfg, tokenizer)
     train_windows, _ = make_windows(streams["train"], cfg.seq_len)
     if len(train_windows) < cfg.batch_size:

@@ -83,8 +83,8 @@ class Config:
 PRESETS = {
     # the whole pipeline end to end in a couple of minutes: tiny model, few steps, saves twice
     "smoke": dict(hidden_size=64, num_layers=2, num_heads=2, mem_slots=16, mem_width=16,
-                  num_reads=2, batch_size=8, seq_len=64, max_steps=24, log_every_steps=4,
-                  save_every_steps=12, inspect_tokens=24),
+                  num_reads=2, batch_size=4, seq_len=32, max_steps=16, log_every_steps=2,
+                  save_every_steps=8, inspect_tokens=24),
     # a real small run on a 2-core CPU in under an hour (README, Results)
     "cpu": dict(hidden_size=256, num_layers=4, num_heads=4, mem_slots=32, mem_width=64,
                 num_reads=2, batch_size=8, seq_len=128, epochs=1, log_every_steps=20,

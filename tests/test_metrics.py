@@ -107,20 +107,24 @@ def check(metrics, expected):
 # ---------------------------------------------------------------- evaluate()
 
 # Target 0 is the argmax (rank 1); target 2 ties with index 3 below the max (rank 2: only
-# strictly greater logits count); target 5 is the smallest logit (rank 6, outside the top 5).
+# strictly greater logits count); target 5 is the smallest logit (rank 6, outside the top 5);
+# target 4 is fifth (rank 5, just inside the top 5).
 HAND_LOGITS = torch.tensor([[[2.0, 1.0, 0.0, -1.0, 0.5, 0.4],
                              [0.0, 3.0, 1.0, 1.0, -2.0, 0.2],
-                             [1.0, 2.0, 3.0, 4.0, 5.0, 0.0]]])
-HAND_TARGETS = torch.tensor([[0, 2, 5]])
+                             [1.0, 2.0, 3.0, 4.0, 5.0, 0.0],
+                             [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]]])
+HAND_TARGETS = torch.tensor([[0, 2, 5, 4]])
 HAND_NOMEM = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                             [1.0, 0.0, -1.0, 2.0, 0.0, 0.0],
-                            [1.0, 2.0, 3.0, 4.0, 5.0, 0.0]]])
+                            [1.0, 2.0, 3.0, 4.0, 5.0, 0.0],
+                            [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]]])
 # Gate 0.7 exactly is not a write (g > 0.7).
-HAND_GATE = torch.tensor([[0.9, 0.2, 0.7]])
-# One-hot, uniform, and 3:1 over two slots.
+HAND_GATE = torch.tensor([[0.9, 0.2, 0.7, 0.6]])
+# One-hot, uniform, 3:1 over two slots, and 4:2:1:1.
 HAND_WEIGHTS = torch.tensor([[[0.5, 0.0, 0.0, 0.0],
                               [0.1, 0.1, 0.1, 0.1],
-                              [0.3, 0.1, 0.0, 0.0]]])
+                              [0.3, 0.1, 0.0, 0.0],
+                              [0.2, 0.1, 0.05, 0.05]]])
 
 
 def test_evaluate_baseline_by_hand():
@@ -129,10 +133,10 @@ def test_evaluate_baseline_by_hand():
     m = D.evaluate(model, [batch])
     (inputs, training, grad_on), = model.calls
     assert torch.equal(inputs, batch[:, :-1]) and not training and not grad_on
-    assert m["top1_acc"] == pytest.approx(1 / 3)
-    assert m["top5_acc"] == pytest.approx(2 / 3)
-    assert m["mean_rank"] == pytest.approx((1 + 2 + 6) / 3)
-    assert m["tokens"] == 3
+    assert m["top1_acc"] == pytest.approx(1 / 4)
+    assert m["top5_acc"] == pytest.approx(3 / 4)
+    assert m["mean_rank"] == pytest.approx((1 + 2 + 6 + 5) / 4)
+    assert m["tokens"] == 4
     check(m, reference(flat(HAND_LOGITS), flat(HAND_TARGETS)))
     assert not DNC_KEYS & set(m)
 
@@ -141,10 +145,11 @@ def test_evaluate_dnc_by_hand():
     out = dnc_output(HAND_LOGITS, HAND_GATE, HAND_WEIGHTS, HAND_NOMEM)
     m = D.evaluate(FixedOutputs([out]), [batch_for(HAND_TARGETS)])
     assert m["avg_gate"] == pytest.approx(0.6)
-    assert m["gate_std"] == pytest.approx(math.sqrt((0.3**2 + 0.4**2 + 0.1**2) / 3))  # population
-    assert m["write_rate"] == pytest.approx(1 / 3)
+    assert m["gate_std"] == pytest.approx(math.sqrt((0.3**2 + 0.4**2 + 0.1**2 + 0) / 4))  # population
+    assert m["write_rate"] == pytest.approx(1 / 4)
     h_31 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(4)
-    assert m["write_sparsity"] == pytest.approx(1 - (0 + 1 + h_31) / 3, **ENT_TOL)
+    h_4211 = -(0.5 * math.log(0.5) + 0.25 * math.log(0.25) + 0.25 * math.log(0.125)) / math.log(4)
+    assert m["write_sparsity"] == pytest.approx(1 - (0 + 1 + h_31 + h_4211) / 4, **ENT_TOL)
     check(m, reference(flat(HAND_LOGITS), flat(HAND_TARGETS), flat(HAND_GATE),
                        flat(HAND_WEIGHTS), flat(HAND_NOMEM)))
 

@@ -586,10 +586,14 @@ def count_parameters(model):
 WRITE_THRESHOLD = 0.7  # a token "writes" when g^w exceeds this (write_rate)
 
 
+def kl_from_log_probs(log_p, log_q):
+    """Σ_v p_v (log p_v − log q_v) over the last axis."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def token_kl(logits, nomem_logits):
     """KL(p_mem ‖ p_nomem) per token, in nats -> (B, T)."""
-    log_p, log_q = F.log_softmax(logits.float(), -1), F.log_softmax(nomem_logits.float(), -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl_from_log_probs(F.log_softmax(logits.float(), -1), F.log_softmax(nomem_logits.float(), -1))
 
 
 def routing_target(kl):
@@ -620,10 +624,12 @@ def entropy_loss(write_weights):
 
 def compute_loss(out, targets, cfg):
     """L = L_LM + λ_r L_routing + λ_e L_entropy; returns the total and its parts as floats."""
-    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+    log_probs = F.log_softmax(out.logits.float(), -1)  # shared by the CE and the KL
+    lm = F.nll_loss(log_probs.flatten(0, 1), targets.flatten())
     if out.write_gate is None:
         return lm, {"lm": lm.item()}
-    routing = routing_loss(out.write_gate, token_kl(out.logits.detach(), out.nomem_logits))
+    kl = kl_from_log_probs(log_probs.detach(), F.log_softmax(out.nomem_logits.float(), -1))
+    routing = routing_loss(out.write_gate, kl)
     entropy = entropy_loss(out.write_weights)
     total = lm + cfg.lambda_routing * routing + cfg.lambda_entropy * entropy
     return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
@@ -658,7 +664,7 @@ class MetricSums:
             self.add("gate_sq", gate ** 2)
             self.add("writes", (gate > WRITE_THRESHOLD).float())
             self.add("write_entropy", write_entropy(out.write_weights.float()))
-            self.add("kl", token_kl(out.logits, out.nomem_logits))
+            self.add("kl", kl_from_log_probs(log_probs, F.log_softmax(out.nomem_logits.float(), -1)))
 
     def metrics(self):
         mean = {name: total / self.tokens for name, total in self.sums.items()}

@@ -63,6 +63,12 @@ def tokenizer():
 def workspace(tmp_path, tokenizer, monkeypatch):
     """tmp_path holding an earlier run's files, a regular file to block paths, and data dirs."""
     monkeypatch.setattr(dnc_gpt2, "load_tokenizer", lambda: tokenizer)  # seconds per load
+    monkeypatch.setattr(dnc_gpt2, "read_hf_splits", lambda: None)  # no network in these tests
+
+    def no_training(*args):  # input that slips through must fail here, not train for minutes
+        raise AssertionError("bad input reached training")
+
+    monkeypatch.setattr(dnc_gpt2, "train_model", no_training)
     for name, data in EARLIER_FILES.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(data)
@@ -137,7 +143,8 @@ def test_rerun_without_resume_refuses_and_keeps_earlier_files(workspace, capsys,
         if name != earlier:
             (workspace / name).unlink()
     before = snapshot(workspace)
-    assert run_main(workspace, ["--preset=smoke"]) == 2
+    # valid config; its data dir has an empty split, so a missing refusal fails without --resume
+    assert run_main(workspace, ["--data_dir={tmp}/empty_split"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error:") and "--resume" in err, err
     assert snapshot(workspace) == before

@@ -45,7 +45,7 @@ def test_causal_and_per_sequence(use_dnc, links):
                 diff = (getattr(ref, name) - getattr(out, name)).abs()
                 # Positions before the edit must not see it, through attention or memory.
                 assert diff[0, :k].max() <= 1e-5, (name, k)
-                # ... and the edited position must (else the check above is vacuous).
+                # ... while positions from the edit on must (else the check above is vacuous).
                 assert diff[0, k:].max() > 1e-5, (name, k)
                 # The other sequence in the batch has its own memory state.
                 assert diff[1].max() <= 1e-5, (name, k)

@@ -14,6 +14,7 @@ Sections, in order: Config, data and tokenizer, DNC memory, models, losses and m
 training and evaluation, plotting and reporting, main().
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -77,6 +79,8 @@ class Config:
     use_compile: bool = False
     compile_mode: str = "reduce-overhead"
     num_gpus: str = "auto"  # auto | 0 | 1 | 2: up to 2 GPUs with nn.DataParallel
+    precision: str = "auto"  # auto: bf16 autocast where the GPU has it, else fp16; fp32 on CPU
+    grad_accum_steps: int = 1  # micro-batches per step; batch_size stays the global batch
     preset: str = ""  # smoke | cpu: applied before the other --key=value overrides
 
 
@@ -131,16 +135,43 @@ def available_gpus():
     return torch.cuda.device_count()
 
 
+def world_size():
+    """Processes in this run: torchrun sets WORLD_SIZE; a plain `python dnc_gpt2.py` is 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process():
+    """Only rank 0 prints, plots and writes checkpoints."""
+    return rank() == 0
+
+
 def resolve_device(cfg):
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(cfg.device)
 
 
 def resolve_num_gpus(cfg):
+    """GPUs that nn.DataParallel spreads one process over (1 per process under torchrun)."""
     if resolve_device(cfg).type != "cuda":
         return 0
+    if world_size() > 1:
+        return 1
     return min(2, available_gpus()) if cfg.num_gpus == "auto" else int(cfg.num_gpus)
+
+
+def resolve_precision(cfg):
+    if resolve_device(cfg).type != "cuda" or cfg.precision == "fp32":
+        return torch.float32
+    if cfg.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
 def nearest_existing_dir(path):
@@ -153,8 +184,8 @@ def nearest_existing_dir(path):
 def validate_config(cfg):
     """Check every field before any work, so that bad input never starts training or touches a file."""
     positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
-                "mem_width", "num_reads", "epochs", "batch_size", "seq_len", "log_every_steps",
-                "save_every_steps", "inspect_tokens"]
+                "mem_width", "num_reads", "batch_size", "seq_len", "log_every_steps",
+                "save_every_steps", "inspect_tokens", "grad_accum_steps"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be a positive integer")
@@ -164,10 +195,14 @@ def validate_config(cfg):
         (cfg.seq_len <= cfg.n_positions, "seq_len",
          f"seq_len={cfg.seq_len} exceeds the model's n_positions={cfg.n_positions}"),
         (cfg.max_steps >= 0, "max_steps", "max_steps must be >= 0 (0 = use epochs)"),
+        (cfg.epochs > 0 or cfg.max_steps > 0, "epochs",
+         f"epochs={cfg.epochs} must be positive when max_steps is 0"),
         (cfg.lr > 0 and math.isfinite(cfg.lr), "lr", f"lr={cfg.lr} must be a positive number"),
-        (cfg.grad_clip > 0, "grad_clip", f"grad_clip={cfg.grad_clip} must be positive"),
-        (cfg.lambda_routing >= 0, "lambda_routing", "lambda_routing must be >= 0"),
-        (cfg.lambda_entropy >= 0, "lambda_entropy", "lambda_entropy must be >= 0"),
+        (0 < cfg.grad_clip < math.inf, "grad_clip", f"grad_clip={cfg.grad_clip} must be positive"),
+        (0 <= cfg.lambda_routing < math.inf, "lambda_routing",
+         f"lambda_routing={cfg.lambda_routing} must be a finite number >= 0"),
+        (0 <= cfg.lambda_entropy < math.inf, "lambda_entropy",
+         f"lambda_entropy={cfg.lambda_entropy} must be a finite number >= 0"),
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device), "device",
          f"device={cfg.device!r}: use auto, cpu, cuda or cuda:K"),
@@ -176,12 +211,23 @@ def validate_config(cfg):
         (cfg.compile_mode in ("default", "reduce-overhead", "max-autotune",
                               "max-autotune-no-cudagraphs"), "compile_mode",
          f"compile_mode={cfg.compile_mode!r} is not a torch.compile mode"),
+        (cfg.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
+         f"precision={cfg.precision!r}: use auto, fp32, bf16 or fp16"),
+        (cfg.batch_size % (world_size() * cfg.grad_accum_steps) == 0, "batch_size",
+         f"batch_size={cfg.batch_size} (the global batch) must be divisible by processes "
+         f"({world_size()}) x grad_accum_steps ({cfg.grad_accum_steps})"),
+        (world_size() == 1 or cfg.num_gpus in ("auto", "0", "1"), "num_gpus",
+         f"num_gpus={cfg.num_gpus}: nn.DataParallel cannot run under torchrun (one GPU per "
+         f"process); leave --num_gpus=auto"),
     ]
     for ok, name, problem in checks:
         if not ok:
             raise ConfigError(f"--{name}: {problem}")
     if resolve_device(cfg).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={cfg.device}: no CUDA GPU on this machine; use --device=cpu")
+    if cfg.precision in ("bf16", "fp16") and resolve_device(cfg).type != "cuda":
+        raise ConfigError(f"--precision={cfg.precision}: mixed precision is for CUDA GPUs; this "
+                          f"run is on the CPU, use --precision=auto or fp32")
     if cfg.num_gpus not in ("auto", "0") and int(cfg.num_gpus) > available_gpus():
         raise ConfigError(f"--num_gpus={cfg.num_gpus}: this machine has {available_gpus()} CUDA "
                           f"GPU(s); use --num_gpus=auto")
@@ -240,7 +286,8 @@ def read_local_splits(data_dir):
         if path is None:
             raise ConfigError(f"--data_dir={data_dir}: missing wiki.{split}.raw or "
                               f"wiki.{split}.tokens; every split is needed")
-        texts[split] = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as in the file
+            texts[split] = f.read()
         if not texts[split].strip():
             raise ConfigError(f"--data_dir={data_dir}: {path.name} is empty; every split needs text")
         names.append(path.name)
@@ -358,7 +405,8 @@ def make_windows(ids, seq_len):
 def eval_batches(ids, seq_len, batch_size):
     """Every window of a split in order, the tail last: each target predicted exactly once."""
     windows, tail = make_windows(ids, seq_len)
-    yield from windows.split(batch_size)
+    if len(windows):
+        yield from windows.split(batch_size)
     if tail is not None:
         yield tail
 
@@ -510,8 +558,10 @@ class DNCMemory(nn.Module):
         return DNCState(zeros(self.N, self.W), zeros(self.N), zeros(self.N),
                         zeros(self.R, self.N), *links)
 
+    @torch.autocast("cuda", enabled=False)  # fp32 always: products of usages underflow in bf16
     def forward(self, h):
         """h (B, T, hidden) -> read vectors (B, T, R, W), write gates (B, T), write weights (B, T, N)."""
+        h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         iface = self.interface(h)  # one matmul and one set of activations for all T tokens
         state = self.initial_state(h.shape[0], h.device, h.dtype)
         reads, write_weights = [], []
@@ -551,6 +601,7 @@ class GPT2LM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         self.use_dnc = use_dnc
+        self.amp_dtype = resolve_precision(cfg)
         if use_dnc:
             self.memory = DNCMemory(cfg)
             self.read_proj = nn.Linear(cfg.num_reads * cfg.mem_width, cfg.hidden_size)
@@ -559,14 +610,20 @@ class GPT2LM(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward(self, input_ids):
-        h = self.transformer(input_ids=input_ids).last_hidden_state
-        if not self.use_dnc:
-            return LMOutput(self.lm_head(h))
-        reads, write_gate, write_weights = self.memory(h)
-        logits = self.lm_head(h + self.read_proj(reads.flatten(-2)))
-        with torch.no_grad():  # only the routing target and mem_kl use it; no gradient (SPEC)
-            nomem_logits = self.lm_head(h)
+        with self.autocast(input_ids.device):
+            h = self.transformer(input_ids=input_ids).last_hidden_state
+            if not self.use_dnc:
+                return LMOutput(self.lm_head(h))
+            reads, write_gate, write_weights = self.memory(h)
+            logits = self.lm_head(h + self.read_proj(reads.flatten(-2)))
+            with torch.no_grad():  # only the routing target and mem_kl use it; no gradient (SPEC)
+                nomem_logits = self.lm_head(h)
         return LMOutput(logits, write_gate, write_weights, nomem_logits)
+
+    def autocast(self, device):
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype)
 
 
 def build_model(cfg, use_dnc):
@@ -635,6 +692,10 @@ def compute_loss(out, targets, cfg):
     return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
 
 
+METRIC_SUM_KEYS = ("nll", "top1", "top5", "confidence", "rank", "entropy", "dnc_tokens", "gate",
+                   "gate_sq", "writes", "write_entropy", "kl")
+
+
 class MetricSums:
     """Sums over tokens, so that every metric is token-weighted over a whole split."""
 
@@ -644,6 +705,15 @@ class MetricSums:
 
     def add(self, name, per_token):
         self.sums[name] = self.sums.get(name, 0.0) + per_token.double().sum().item()
+
+    def all_reduce(self, device):
+        """Sum over processes (DDP): each evaluated a disjoint share of the batches."""
+        keys = sorted(METRIC_SUM_KEYS)
+        totals = torch.tensor([self.tokens] + [self.sums.get(k, 0.0) for k in keys],
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        self.tokens = int(totals[0].item())
+        self.sums = {k: v for k, v in zip(keys, totals[1:].tolist()) if v or k in self.sums}
 
     def add_batch(self, out, targets):
         logits = out.logits.float()
@@ -660,6 +730,7 @@ class MetricSums:
         self.add("entropy", -(log_probs.exp() * log_probs).sum(-1))
         if out.write_gate is not None:
             gate = out.write_gate.float()
+            self.add("dnc_tokens", torch.ones_like(gate))
             self.add("gate", gate)
             self.add("gate_sq", gate ** 2)
             self.add("writes", (gate > WRITE_THRESHOLD).float())
@@ -672,7 +743,7 @@ class MetricSums:
                   "top1_acc": mean["top1"], "top5_acc": mean["top5"],
                   "confidence": mean["confidence"], "mean_rank": mean["rank"],
                   "pred_entropy": mean["entropy"], "tokens": self.tokens}
-        if "gate" in mean:
+        if self.sums.get("dnc_tokens"):
             result.update(avg_gate=mean["gate"],
                           gate_std=math.sqrt(max(mean["gate_sq"] - mean["gate"] ** 2, 0.0)),
                           write_rate=mean["writes"], write_sparsity=1 - mean["write_entropy"],
@@ -684,15 +755,27 @@ def model_device(model):
     return next(model.parameters(), torch.empty(0)).device
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
 @torch.no_grad()
 def evaluate(model, batches):
-    """Every metric of SPEC, token-weighted over all batches (B, T + 1), whatever their sizes."""
+    """Every metric of SPEC, token-weighted over all batches (B, T + 1), whatever their sizes.
+
+    Under DDP each process takes every world_size-th batch and the sums are all-reduced, so
+    the result equals a single-process evaluation of the same batches.
+    """
     was_training = model.training
     model.eval()
     device, sums = model_device(model), MetricSums()
-    for batch in batches:
-        batch = batch.to(device)
-        sums.add_batch(model(batch[:, :-1]), batch[:, 1:])
+    share, shares = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    for i, batch in enumerate(batches):
+        if i % shares == share:
+            batch = batch.to(device)
+            sums.add_batch(model(batch[:, :-1]), batch[:, 1:])
+    if distributed():
+        sums.all_reduce(device)
     model.train(was_training)
     return sums.metrics()
 
@@ -721,13 +804,19 @@ class StopFlag:
 
     def __init__(self):
         self.signum = None
-
-    def install(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.request)
+        self.previous = {}
 
     def request(self, signum, frame):
         self.signum = signum
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.request)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def atomic_write(path, write):
@@ -788,14 +877,24 @@ def refuse_to_overwrite(cfg):
                           f"it, or choose a new --save_dir and --plot_dir")
 
 
-def wrap_for_hardware(model, cfg):
-    """nn.DataParallel over up to 2 GPUs, or torch.compile; never both (validate_config)."""
-    num_gpus = resolve_num_gpus(cfg)
-    if num_gpus > 1:
-        return nn.DataParallel(model, device_ids=list(range(num_gpus)))
+def wrap_for_hardware(model, cfg, device):
+    """DDP under torchrun, else nn.DataParallel over up to 2 GPUs; then torch.compile.
+
+    Compile goes outside DDP, as PyTorch's DDP documentation recommends, so that the
+    compiler sees DDP's gradient buckets; DataParallel and compile are exclusive.
+    """
+    if distributed():
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif resolve_num_gpus(cfg) > 1:
+        return nn.DataParallel(model, device_ids=list(range(resolve_num_gpus(cfg))))
     if cfg.use_compile:
-        return torch.compile(model, mode=cfg.compile_mode)
+        model = torch.compile(model, mode=cfg.compile_mode)
     return model
+
+
+# per-step sums, all-reduced over processes: token-weighted train metrics and the stop request
+STEP_SUMS = ("tokens", "correct", "total", "lm", "routing", "entropy", "gate", "stop")
 
 
 class TrainLog:
@@ -804,13 +903,9 @@ class TrainLog:
     def __init__(self, sums=None):
         self.sums = dict(sums or {})
 
-    def add(self, parts, correct, tokens, gate):
-        for key, value in parts.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value * tokens
-        self.sums["correct"] = self.sums.get("correct", 0.0) + correct
-        self.sums["tokens"] = self.sums.get("tokens", 0.0) + tokens
-        if gate is not None:
-            self.sums["gate"] = self.sums.get("gate", 0.0) + gate * tokens
+    def add(self, step_sums):
+        for key, value in step_sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
     def record(self, step):
         tokens = self.sums.pop("tokens")
@@ -822,25 +917,40 @@ class TrainLog:
         return row
 
 
+def gather_rng_states(device):
+    """Every process's RNG state (dropout), so that a resume continues each stream."""
+    cpu = torch.get_rng_state()
+    accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
+    if not distributed():
+        return [cpu], [accel]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, (cpu, accel))
+    return [c for c, _ in states], [a for _, a in states]
+
+
 def save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history, log, source,
-                    final=False):
+                    device, final=False):
+    """Called by every process (the RNG states are gathered); rank 0 alone writes."""
     state = model.state_dict()
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise TrainingError(f"{name}: non-finite weights in {key} at step {step}; "
                                 f"not saved, the last good checkpoint stays")
+    cpu_states, accel_states = gather_rng_states(device)
+    path = checkpoint_path(cfg, name, step, final)
+    if not is_main_process():
+        return path
     val_ppl = history["val"][-1]["ppl"] if history["val"] else float("nan")
     ckpt = {"model_state_dict": state, "optimizer_state_dict": optimizer.state_dict(),
             "global_step": step, "epoch": step // steps_per_epoch, "val_ppl": val_ppl,
             "config": asdict(cfg), "data_source": source, "model_name": name,
-            "history": history, "train_log": log.sums, "rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    path = checkpoint_path(cfg, name, step, final)
+            "history": history, "train_log": log.sums, "rng_states": cpu_states,
+            "cuda_rng_states": accel_states}
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
     return path
 
 
-def restore_training(cfg, name, model, optimizer, source):
+def restore_training(cfg, name, model, optimizer, source, device):
     """Continue from the newest checkpoint of this model: step, history, train log, RNG states."""
     found = list_checkpoints(cfg.save_dir, name) if cfg.resume else []
     if not found:
@@ -848,11 +958,62 @@ def restore_training(cfg, name, model, optimizer, source):
     ckpt = load_checkpoint(found[-1][1], cfg, source)
     model.load_state_dict(ckpt["model_state_dict"])
     optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-    torch.set_rng_state(ckpt["rng_state"])
-    if ckpt["cuda_rng_state"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
-    print(f"{name}: resumed from {found[-1][1]} at step {ckpt['global_step']}")
+    if len(ckpt["rng_states"]) == world_size():
+        torch.set_rng_state(ckpt["rng_states"][rank()])
+        if device.type == "cuda" and len(ckpt["cuda_rng_states"][rank()]):
+            torch.cuda.set_rng_state(ckpt["cuda_rng_states"][rank()], device)
+    elif is_main_process():
+        print(f"{name}: saved by {len(ckpt['rng_states'])} process(es), resumed by "
+              f"{world_size()}: dropout masks will differ from an uninterrupted run")
+    if is_main_process():
+        print(f"{name}: resumed from {found[-1][1]} at step {ckpt['global_step']}")
     return ckpt["global_step"], ckpt["history"], TrainLog(ckpt["train_log"])
+
+
+def micro_batches(train_windows, cfg, step, steps_per_epoch):
+    """This process's disjoint share of the global batch of `step`, as grad_accum_steps parts."""
+    epoch, position = divmod(step - 1, steps_per_epoch)
+    rows = epoch_order(len(train_windows), cfg.seed, epoch)[
+        position * cfg.batch_size:(position + 1) * cfg.batch_size]
+    share = rows.view(world_size(), -1)[rank()]
+    return [train_windows[part] for part in share.view(cfg.grad_accum_steps, -1)]
+
+
+def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device):
+    """Forward and backward over the micro-batches, then one optimizer step.
+
+    Returns the step's sums (all-reduced) and the gradient norm; the loss of each micro-batch
+    is divided by their number so that the gradient is that of the global batch's mean loss.
+    """
+    sums = dict.fromkeys(STEP_SUMS, 0.0)
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        last = i == len(batches) - 1
+        sync = runner.no_sync() if distributed() and not last else contextlib.nullcontext()
+        with sync:
+            out = runner(batch[:, :-1])
+            loss, parts = compute_loss(out, batch[:, 1:], cfg)
+            scaler.scale(loss / len(batches)).backward()
+        tokens = batch[:, 1:].numel()
+        sums["tokens"] += tokens
+        sums["correct"] += (out.logits.argmax(-1) == batch[:, 1:]).sum().item()
+        sums["total"] += loss.item() * tokens
+        for key, value in parts.items():
+            sums[key] += value * tokens
+        if out.write_gate is not None:
+            sums["gate"] += out.write_gate.float().mean().item() * tokens
+    sums["stop"] = float(stop.signum is not None)
+    if distributed():  # every process then takes the same decisions (stop, diverged) together
+        totals = torch.tensor([sums[k] for k in STEP_SUMS], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        sums = dict(zip(STEP_SUMS, totals.tolist()))
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    if math.isfinite(sums["total"]) and (math.isfinite(grad_norm) or scaler.is_enabled()):
+        scaler.step(optimizer)  # with fp16 the scaler skips steps whose gradients overflowed
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
 
 
 def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
@@ -862,56 +1023,47 @@ def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
     name = MODEL_NAMES[use_dnc]
     model = build_model(cfg, use_dnc).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    torch.manual_seed(cfg.seed)  # dropout masks: the same stream whether or not the run resumes
-    step, history, log = restore_training(cfg, name, model, optimizer, source)
+    scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(cfg) == torch.float16)
+    torch.manual_seed(cfg.seed + rank())  # dropout: one stream per process, restored on resume
+    step, history, log = restore_training(cfg, name, model, optimizer, source, device)
     steps_per_epoch = len(train_windows) // cfg.batch_size
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    runner = wrap_for_hardware(model, cfg)
+    runner = wrap_for_hardware(model, cfg, device)
     model.train()
-    tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=total_steps, initial=step, desc=f"{name:<13}", dynamic_ncols=True,
-               mininterval=1.0)
-    started = time.time()
+               mininterval=1.0, disable=not is_main_process())
+    started, first = time.time(), step
     for step in range(step + 1, total_steps + 1):
-        epoch, position = divmod(step - 1, steps_per_epoch)
-        rows = epoch_order(len(train_windows), cfg.seed, epoch)[
-            position * cfg.batch_size:(position + 1) * cfg.batch_size]
-        batch = train_windows[rows].to(device)
-        out = runner(batch[:, :-1])
-        loss, parts = compute_loss(out, batch[:, 1:], cfg)
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            raise TrainingError(f"{name}: loss is {loss.item()} at step {step}; stopped, the last "
-                                f"good checkpoint stays in {cfg.save_dir} (try a lower --lr)")
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not math.isfinite(grad_norm.item()):
-            raise TrainingError(f"{name}: gradient norm is {grad_norm.item()} at step {step}; "
-                                f"stopped, the last good checkpoint stays in {cfg.save_dir}")
-        optimizer.step()
-        correct = (out.logits.argmax(-1) == batch[:, 1:]).sum().item()
-        gate = out.write_gate.mean().item() if out.write_gate is not None else None
-        log.add(parts, correct, batch[:, 1:].numel(), gate)
+        batches = micro_batches(train_windows, cfg, step, steps_per_epoch)
+        sums, grad_norm = train_step(runner, model, optimizer, scaler, batches, cfg, stop, device)
+        loss = sums.pop("total") / sums["tokens"]
+        if not math.isfinite(loss):
+            raise TrainingError(f"{name}: loss is {loss} at step {step}; stopped, the last good "
+                                f"checkpoint stays in {cfg.save_dir} (try a lower --lr)")
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            raise TrainingError(f"{name}: gradient norm is {grad_norm} at step {step}; stopped, "
+                                f"the last good checkpoint stays in {cfg.save_dir}")
+        stop_requested = sums.pop("stop") > 0
+        log.add({k: v for k, v in sums.items() if use_dnc or k not in ("routing", "entropy", "gate")})
         if step % cfg.log_every_steps == 0:
             history["train"].append(log.record(step))
+        lm = sums["lm"] / sums["tokens"]
         bar.update(1)
-        bar.set_postfix(loss=f"{parts['lm']:.3f}", ppl=f"{math.exp(min(parts['lm'], 50)):.1f}",
-                        tok_s=f"{(step - bar.initial) * tokens_per_step / (time.time() - started):.0f}")
+        bar.set_postfix(loss=f"{lm:.3f}", ppl=f"{math.exp(min(lm, 50)):.1f}", tok_s=f"{(step - first) * cfg.batch_size * cfg.seq_len / (time.time() - started):.0f}")
         final = step == total_steps
         if final or step % cfg.save_every_steps == 0:
             metrics = evaluate(model, eval_batches(valid_ids, cfg.seq_len, cfg.batch_size))
             history["val"].append({"step": step, **metrics})
             path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
-                                   log, source, final)
+                                   log, source, device, final)
             bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
                       f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f} -> {path}")
-        elif stop.signum is not None:
+        elif stop_requested:
             path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
-                                   log, source)
-        if stop.signum is not None:
+                                   log, source, device)
+        if stop_requested:
             bar.close()
-            raise Interrupted(f"{signal.Signals(stop.signum).name} at step {step} of {name}: "
-                              f"saved {checkpoint_path(cfg, name, step, final)}")
+            raise Interrupted(f"stopped by a signal at step {step} of {name}: saved {path}")
     bar.close()
     return model, history
 
@@ -1047,20 +1199,38 @@ def inspect_writes(model, tokenizer, snippet):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 
-def run(cfg, argv, stop):
+def report(cfg, models, histories, results, tokenizer, valid_ids, source):
+    """Rank 0: history, plots, the comparison table and the write inspection."""
+    save_history(cfg, histories, source)
+    plot_training_curves(histories, Path(cfg.plot_dir) / "training_curves.png")
+    print()
+    print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
+    snippet = inspection_snippet(tokenizer, valid_ids, cfg.inspect_tokens)
+    table, tokens, gates, weights = inspect_writes(models[MODEL_NAMES[1]], tokenizer, snippet)
+    print(f"\n  MEMORY WRITE INSPECTION — GPT2 + DNC on a validation snippet of {source}")
+    print(table)
+    plot_memory_writes(tokens, gates, weights, Path(cfg.plot_dir) / "memory_writes.png")
+    print(f"\nplots: {Path(cfg.plot_dir) / 'training_curves.png'}, "
+          f"{Path(cfg.plot_dir) / 'memory_writes.png'}; checkpoints: {cfg.save_dir}")
+
+
+def run(cfg, stop):
+    """Load data, train both models, compare them on the test split; returns the test metrics."""
     device = resolve_device(cfg)
     tokenizer = load_tokenizer()
     if cfg.vocab_size != len(tokenizer):
-        raise ConfigError(f"--vocab_size={cfg.vocab_size}: the GPT-2 tokenizer has {len(tokenizer)} "
-                          f"tokens; leave vocab_size at {len(tokenizer)}")
+        raise ConfigError(f"--vocab_size={cfg.vocab_size}: the GPT-2 tokenizer has "
+                          f"{len(tokenizer)} tokens; leave vocab_size at {len(tokenizer)}")
     streams, source = load_data(cfg, tokenizer)
     train_windows, _ = make_windows(streams["train"], cfg.seq_len)
     if len(train_windows) < cfg.batch_size:
         raise ConfigError(f"--batch_size={cfg.batch_size}: the train split of {source} has only "
                           f"{len(train_windows)} windows of {cfg.seq_len} tokens; lower "
                           f"--batch_size or --seq_len")
-    print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
-          f"{len(streams['valid']):,}, test {len(streams['test']):,}; device {device}")
+    if is_main_process():
+        print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
+              f"{len(streams['valid']):,}, test {len(streams['test']):,}; device {device}, "
+              f"{world_size()} process(es)")
     models, histories, results = {}, {}, {}
     for use_dnc in (False, True):
         name = MODEL_NAMES[use_dnc]
@@ -1069,29 +1239,36 @@ def run(cfg, argv, stop):
         results[name] = evaluate(models[name], eval_batches(streams["test"], cfg.seq_len,
                                                             cfg.batch_size))
         results[name]["params"] = count_parameters(models[name])
-    save_history(cfg, histories, source)
-    plot_training_curves(histories, Path(cfg.plot_dir) / "training_curves.png")
-    print()
-    print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
-    snippet = inspection_snippet(tokenizer, streams["valid"], cfg.inspect_tokens)
-    table, tokens, gates, weights = inspect_writes(models[MODEL_NAMES[1]], tokenizer, snippet)
-    print(f"\n  MEMORY WRITE INSPECTION — GPT2 + DNC on a validation snippet of {source}")
-    print(table)
-    plot_memory_writes(tokens, gates, weights, Path(cfg.plot_dir) / "memory_writes.png")
-    print(f"\nplots: {Path(cfg.plot_dir) / 'training_curves.png'}, "
-          f"{Path(cfg.plot_dir) / 'memory_writes.png'}; checkpoints: {cfg.save_dir}")
+    if is_main_process():
+        report(cfg, models, histories, results, tokenizer, streams["valid"], source)
     return results
 
 
+def init_distributed(cfg):
+    """Under torchrun: nccl between GPUs, gloo between CPU processes."""
+    if world_size() > 1 and not distributed():
+        device = resolve_device(cfg)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def resume_command(argv):
+    kept = [a for a in argv if not a.startswith("--resume=")]
+    launcher = "torchrun ..." if world_size() > 1 else "python"
+    return " ".join([launcher, "dnc_gpt2.py", *kept, "--resume=true"])
+
+
 def main(argv=None):
+    """Returns the exit status: 0 done, 1 diverged, 2 bad input, 128 + signal when stopped."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    stop = StopFlag()
     try:
-        cfg = config_from_args(argv)
-        validate_config(cfg)
-        refuse_to_overwrite(cfg)
-        stop.install()
-        run(cfg, argv, stop)
+        with StopFlag() as stop:
+            cfg = config_from_args(argv)
+            validate_config(cfg)
+            refuse_to_overwrite(cfg)
+            init_distributed(cfg)
+            run(cfg, stop)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -1099,10 +1276,12 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Interrupted as error:
-        resume = " ".join(["python dnc_gpt2.py", *[a for a in argv if not a.startswith("--resume=")],
-                           "--resume=true"])
-        print(f"\ninterrupted: {error}\nresume with: {resume}", file=sys.stderr)
+        if is_main_process():
+            print(f"\ninterrupted: {error}\nresume with: {resume_command(argv)}", file=sys.stderr)
         return 128 + stop.signum
+    finally:
+        if distributed():
+            dist.destroy_process_group()
     return 0
 
 

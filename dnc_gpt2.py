@@ -372,7 +372,8 @@ def tokenize_cached(tokenizer, text, cache_dir):
     if path.is_file():
         return torch.load(path, weights_only=True)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.int32)
-    atomic_write(path, lambda tmp: torch.save(ids, tmp))
+    if is_main_process():
+        atomic_write(path, lambda tmp: torch.save(ids, tmp))
     return ids
 
 

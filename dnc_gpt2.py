@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -182,7 +183,7 @@ def nearest_existing_dir(path):
 
 
 def validate_config(cfg):
-    """Check every field before any work, so that bad input never starts training or touches a file."""
+    """Check every field before any work: bad input never starts training or touches a file."""
     positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
                 "mem_width", "num_reads", "batch_size", "seq_len", "log_every_steps",
                 "save_every_steps", "inspect_tokens", "grad_accum_steps"]
@@ -289,7 +290,8 @@ def read_local_splits(data_dir):
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as in the file
             texts[split] = f.read()
         if not texts[split].strip():
-            raise ConfigError(f"--data_dir={data_dir}: {path.name} is empty; every split needs text")
+            raise ConfigError(f"--data_dir={data_dir}: {path.name} is empty; every split "
+                              f"needs text")
         names.append(path.name)
     return texts, f"local {Path(data_dir).resolve()} ({', '.join(names)})"
 
@@ -444,7 +446,7 @@ class DNCInterface(NamedTuple):
     write_gate: torch.Tensor  # g^w (B, 1)
     read_keys: torch.Tensor  # k^r (B, R, W)
     read_strengths: torch.Tensor  # β^r (B, R), >= 1
-    read_modes: Optional[torch.Tensor]  # π (B, R, 3): backward, content, forward; None without links
+    read_modes: Optional[torch.Tensor]  # π (B, R, 3): backward, content, forward; or None
 
 
 def oneplus(x):
@@ -524,8 +526,8 @@ def dnc_step(state, iface):
     else:
         link, precedence = update_links(link, precedence, write_weights)
         forward, backward = directional_weights(link, state.read_weights)
-        modes = iface.read_modes.unsqueeze(-1)
-        read_weights = modes[:, :, 0] * backward + modes[:, :, 1] * read_content + modes[:, :, 2] * forward
+        pi_b, pi_c, pi_f = iface.read_modes.unsqueeze(-1).unbind(2)
+        read_weights = pi_b * backward + pi_c * read_content + pi_f * forward
     new_state = DNCState(memory, usage, write_weights, read_weights, link, precedence)
     return read_memory(memory, read_weights), new_state
 
@@ -561,7 +563,7 @@ class DNCMemory(nn.Module):
 
     @torch.autocast("cuda", enabled=False)  # fp32 always: products of usages underflow in bf16
     def forward(self, h):
-        """h (B, T, hidden) -> read vectors (B, T, R, W), write gates (B, T), write weights (B, T, N)."""
+        """h (B, T, hidden) -> reads (B, T, R, W), write gates (B, T), write weights (B, T, N)."""
         h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         iface = self.interface(h)  # one matmul and one set of activations for all T tokens
         state = self.initial_state(h.shape[0], h.device, h.dtype)
@@ -628,7 +630,7 @@ class GPT2LM(nn.Module):
 
 
 def build_model(cfg, use_dnc):
-    """Both models from the same seed: the GPT-2 part is built first, so its weights are identical."""
+    """Both models from one seed: GPT-2 is built first, so its weights are identical in both."""
     torch.manual_seed(cfg.seed)
     return GPT2LM(cfg, use_dnc)
 
@@ -642,6 +644,7 @@ def count_parameters(model):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 WRITE_THRESHOLD = 0.7  # a token "writes" when g^w exceeds this (write_rate)
+VOCAB_CHUNK = 64  # tokens per pass over (tokens, V) tensors: temporaries stay small and warm
 
 
 def kl_from_log_probs(log_p, log_q):
@@ -650,8 +653,12 @@ def kl_from_log_probs(log_p, log_q):
 
 
 def token_kl(logits, nomem_logits):
-    """KL(p_mem ‖ p_nomem) per token, in nats -> (B, T)."""
-    return kl_from_log_probs(F.log_softmax(logits.float(), -1), F.log_softmax(nomem_logits.float(), -1))
+    """KL(p_mem ‖ p_nomem) per token, in nats -> (B, T); chunked over tokens, same numbers."""
+    rows = zip(logits.flatten(0, -2).split(VOCAB_CHUNK),
+               nomem_logits.flatten(0, -2).split(VOCAB_CHUNK))
+    kl = [kl_from_log_probs(F.log_softmax(z.float(), -1), F.log_softmax(y.float(), -1))
+          for z, y in rows]
+    return torch.cat(kl).view(logits.shape[:-1])
 
 
 def routing_target(kl):
@@ -682,12 +689,10 @@ def entropy_loss(write_weights):
 
 def compute_loss(out, targets, cfg):
     """L = L_LM + λ_r L_routing + λ_e L_entropy; returns the total and its parts as floats."""
-    log_probs = F.log_softmax(out.logits.float(), -1)  # shared by the CE and the KL
-    lm = F.nll_loss(log_probs.flatten(0, 1), targets.flatten())
+    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
     if out.write_gate is None:
         return lm, {"lm": lm.item()}
-    kl = kl_from_log_probs(log_probs.detach(), F.log_softmax(out.nomem_logits.float(), -1))
-    routing = routing_loss(out.write_gate, kl)
+    routing = routing_loss(out.write_gate, token_kl(out.logits.detach(), out.nomem_logits))
     entropy = entropy_loss(out.write_weights)
     total = lm + cfg.lambda_routing * routing + cfg.lambda_entropy * entropy
     return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
@@ -705,19 +710,28 @@ class MetricSums:
         self.tokens = 0
 
     def add(self, name, per_token):
-        self.sums[name] = self.sums.get(name, 0.0) + per_token.double().sum().item()
+        self.sums[name] = self.sums.get(name, 0.0) + per_token.double().sum()
 
     def all_reduce(self, device):
         """Sum over processes (DDP): each evaluated a disjoint share of the batches."""
         keys = sorted(METRIC_SUM_KEYS)
-        totals = torch.tensor([self.tokens] + [self.sums.get(k, 0.0) for k in keys],
+        totals = torch.tensor([self.tokens] + [float(self.sums.get(k, 0.0)) for k in keys],
                               dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         self.tokens = int(totals[0].item())
         self.sums = {k: v for k, v in zip(keys, totals[1:].tolist()) if v or k in self.sums}
 
     def add_batch(self, out, targets):
-        logits = out.logits.float()
+        """In chunks of VOCAB_CHUNK tokens, so that no (tokens, V) temporary outgrows the cache."""
+        fields = (out.logits, out.write_gate, out.write_weights, out.nomem_logits)
+        flat = [x.flatten(0, 1) if x is not None else None for x in fields]
+        for start in range(0, targets.numel(), VOCAB_CHUNK):
+            part = slice(start, start + VOCAB_CHUNK)
+            self.add_chunk(*(x[part] if x is not None else None for x in flat),
+                           targets.flatten()[part])
+
+    def add_chunk(self, logits, gate, write_weights, nomem_logits, targets):
+        logits = logits.float()
         log_probs = F.log_softmax(logits, -1)
         target_logp = log_probs.gather(-1, targets.unsqueeze(-1))[..., 0]
         target_logit = logits.gather(-1, targets.unsqueeze(-1))
@@ -729,18 +743,19 @@ class MetricSums:
         self.add("confidence", target_logp.exp())
         self.add("rank", 1 + (logits > target_logit).sum(-1).float())
         self.add("entropy", -(log_probs.exp() * log_probs).sum(-1))
-        if out.write_gate is not None:
-            gate = out.write_gate.float()
+        if gate is not None:
+            gate = gate.float()
             self.add("dnc_tokens", torch.ones_like(gate))
             self.add("gate", gate)
             self.add("gate_sq", gate ** 2)
             self.add("writes", (gate > WRITE_THRESHOLD).float())
-            self.add("write_entropy", write_entropy(out.write_weights.float()))
-            self.add("kl", kl_from_log_probs(log_probs, F.log_softmax(out.nomem_logits.float(), -1)))
+            self.add("write_entropy", write_entropy(write_weights.float()))
+            self.add("kl", kl_from_log_probs(log_probs, F.log_softmax(nomem_logits.float(), -1)))
 
     def metrics(self):
-        mean = {name: total / self.tokens for name, total in self.sums.items()}
-        result = {"loss": mean["nll"], "ppl": math.exp(mean["nll"]), "bpt": mean["nll"] / math.log(2),
+        mean = {name: float(total) / self.tokens for name, total in self.sums.items()}
+        result = {"loss": mean["nll"], "ppl": math.exp(mean["nll"]),
+                  "bpt": mean["nll"] / math.log(2),
                   "top1_acc": mean["top1"], "top5_acc": mean["top5"],
                   "confidence": mean["confidence"], "mean_rank": mean["rank"],
                   "pred_entropy": mean["entropy"], "tokens": self.tokens}
@@ -844,14 +859,20 @@ def list_checkpoints(save_dir, name):
     return [(step, path) for step, final, path in sorted(found, key=lambda x: x[:2])]
 
 
+def load_failure(error):
+    """The informative line of a torch.load failure (weights_only errors open with boilerplate)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    unsafe = [line for line in lines if "Unsupported" in line]
+    return (unsafe or lines or [type(error).__name__])[0][:160]
+
+
 def load_checkpoint(path, cfg, source):
     """Load with weights_only=True (no code runs) and check it belongs to this run."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"{path}: not a loadable checkpoint ({reason}); move it away or use "
-                          f"another --save_dir") from None
+        raise ConfigError(f"{path}: not a loadable checkpoint ({load_failure(error)}); move it "
+                          f"away or use another --save_dir") from None
     needed = {"model_state_dict", "optimizer_state_dict", "global_step", "config", "history"}
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
         raise ConfigError(f"{path}: not a dnc_gpt2 checkpoint (missing fields); move it away or "
@@ -896,6 +917,7 @@ def wrap_for_hardware(model, cfg, device):
 
 # per-step sums, all-reduced over processes: token-weighted train metrics and the stop request
 STEP_SUMS = ("tokens", "correct", "total", "lm", "routing", "entropy", "gate", "stop")
+DNC_SUMS = ("routing", "entropy", "gate")
 
 
 class TrainLog:
@@ -921,7 +943,8 @@ class TrainLog:
 def gather_rng_states(device):
     """Every process's RNG state (dropout), so that a resume continues each stream."""
     cpu = torch.get_rng_state()
-    accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
+    accel = (torch.cuda.get_rng_state(device) if device.type == "cuda"
+             else torch.empty(0, dtype=torch.uint8))
     if not distributed():
         return [cpu], [accel]
     states = [None] * dist.get_world_size()
@@ -1017,6 +1040,14 @@ def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device):
     return sums, grad_norm
 
 
+def check_finite(name, step, loss, grad_norm, cfg):
+    """A diverged model stops here, before its optimizer step: no NaN reaches a checkpoint."""
+    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            raise TrainingError(f"{name}: {what} is {value} at step {step}; stopped, the last "
+                                f"good checkpoint stays in {cfg.save_dir} (try a lower --lr)")
+
+
 def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
     """Train one model; validate and checkpoint every save_every_steps and at the end."""
     from tqdm import tqdm
@@ -1031,41 +1062,37 @@ def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     runner = wrap_for_hardware(model, cfg, device)
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"{name:<13}", dynamic_ncols=True,
-               mininterval=1.0, disable=not is_main_process())
-    started, first = time.time(), step
-    for step in range(step + 1, total_steps + 1):
-        batches = micro_batches(train_windows, cfg, step, steps_per_epoch)
-        sums, grad_norm = train_step(runner, model, optimizer, scaler, batches, cfg, stop, device)
-        loss = sums.pop("total") / sums["tokens"]
-        if not math.isfinite(loss):
-            raise TrainingError(f"{name}: loss is {loss} at step {step}; stopped, the last good "
-                                f"checkpoint stays in {cfg.save_dir} (try a lower --lr)")
-        if not math.isfinite(grad_norm) and not scaler.is_enabled():
-            raise TrainingError(f"{name}: gradient norm is {grad_norm} at step {step}; stopped, "
-                                f"the last good checkpoint stays in {cfg.save_dir}")
-        stop_requested = sums.pop("stop") > 0
-        log.add({k: v for k, v in sums.items() if use_dnc or k not in ("routing", "entropy", "gate")})
-        if step % cfg.log_every_steps == 0:
-            history["train"].append(log.record(step))
-        lm = sums["lm"] / sums["tokens"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{lm:.3f}", ppl=f"{math.exp(min(lm, 50)):.1f}", tok_s=f"{(step - first) * cfg.batch_size * cfg.seq_len / (time.time() - started):.0f}")
-        final = step == total_steps
-        if final or step % cfg.save_every_steps == 0:
-            metrics = evaluate(model, eval_batches(valid_ids, cfg.seq_len, cfg.batch_size))
-            history["val"].append({"step": step, **metrics})
-            path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
-                                   log, source, device, final)
-            bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
-                      f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f} -> {path}")
-        elif stop_requested:
-            path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
-                                   log, source, device)
-        if stop_requested:
-            bar.close()
-            raise Interrupted(f"stopped by a signal at step {step} of {name}: saved {path}")
-    bar.close()
+    with tqdm(total=total_steps, initial=step, desc=f"{name:<13}", dynamic_ncols=True,
+              mininterval=1.0, disable=not is_main_process()) as bar:  # closed on errors too
+        started, first = time.time(), step
+        for step in range(step + 1, total_steps + 1):
+            batches = micro_batches(train_windows, cfg, step, steps_per_epoch)
+            sums, grad_norm = train_step(runner, model, optimizer, scaler, batches, cfg, stop,
+                                         device)
+            check_finite(name, step, sums.pop("total") / sums["tokens"],
+                         grad_norm if not scaler.is_enabled() else 0.0, cfg)
+            stop_requested = sums.pop("stop") > 0
+            log.add({k: v for k, v in sums.items() if use_dnc or k not in DNC_SUMS})
+            if step % cfg.log_every_steps == 0:
+                history["train"].append(log.record(step))
+            lm = sums["lm"] / sums["tokens"]
+            tokens_per_s = (step - first) * cfg.batch_size * cfg.seq_len / (time.time() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{lm:.3f}", ppl=f"{math.exp(min(lm, 50)):.1f}",
+                            tok_s=f"{tokens_per_s:.0f}")
+            final = step == total_steps
+            if final or step % cfg.save_every_steps == 0:
+                metrics = evaluate(model, eval_batches(valid_ids, cfg.seq_len, cfg.batch_size))
+                history["val"].append({"step": step, **metrics})
+                path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
+                                       log, source, device, final)
+                bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
+                          f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f} -> {path}")
+            elif stop_requested:
+                path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
+                                       log, source, device)
+            if stop_requested:
+                raise Interrupted(f"stopped by a signal at step {step} of {name}: saved {path}")
     return model, history
 
 
@@ -1086,7 +1113,7 @@ def save_history(cfg, histories, source):
 
 
 def plot_training_curves(histories, path):
-    """Dark theme; CE loss and top-1 accuracy vs step; train thin, validation dashed with markers."""
+    """Dark theme; CE loss and top-1 accuracy vs step; train thin, validation dashed + markers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1232,6 +1259,10 @@ def run(cfg, stop):
         print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
               f"{len(streams['valid']):,}, test {len(streams['test']):,}; device {device}, "
               f"{world_size()} process(es)")
+    if cfg.resume:  # a bad checkpoint of either model stops the run before any training
+        for name in MODEL_NAMES:
+            for _, path in list_checkpoints(cfg.save_dir, name)[-1:]:
+                load_checkpoint(path, cfg, source)
     models, histories, results = {}, {}, {}
     for use_dnc in (False, True):
         name = MODEL_NAMES[use_dnc]
@@ -1257,7 +1288,7 @@ def init_distributed(cfg):
 def resume_command(argv):
     kept = [a for a in argv if not a.startswith("--resume=")]
     launcher = "torchrun ..." if world_size() > 1 else "python"
-    return " ".join([launcher, "dnc_gpt2.py", *kept, "--resume=true"])
+    return f"{launcher} dnc_gpt2.py {shlex.join([*kept, '--resume=true'])}"
 
 
 def main(argv=None):

@@ -55,6 +55,8 @@ class Config:
     mem_width: int = 128  # W
     num_reads: int = 4  # R
     temporal_links: bool = False  # True: link matrix, precedence and read modes of the paper
+    carry_memory: bool = False  # DNC state carried from each segment to the next of its row
+    bptt_segments: int = 1  # with carry_memory: segments per step that gradients flow through
     # training
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -72,6 +74,8 @@ class Config:
     plot_dir: str = "plots/"
     resume: bool = False
     # data
+    dataset: str = "wikitext"  # wikitext | recall (the built-in long-range recall task)
+    recall_distances: str = "96,192,384"  # recall: fact-to-query distances in tokens
     data_dir: str = ""  # wiki.{train,valid,test}.{raw,tokens}; empty: Hugging Face, then generated
     cache_dir: str = ".cache/"  # token ids, keyed by the text's hash
     inspect_tokens: int = 32  # tokens shown in the memory write inspection
@@ -94,6 +98,11 @@ PRESETS = {
     "cpu": dict(hidden_size=256, num_layers=4, num_heads=4, mem_slots=32, mem_width=64,
                 num_reads=2, batch_size=8, seq_len=128, epochs=1, log_every_steps=20,
                 save_every_steps=200),
+    # long-range recall with the DNC state carried across 64-token segments (README, Results)
+    "recall": dict(dataset="recall", carry_memory=True, hidden_size=128, num_layers=2,
+                   num_heads=4, mem_slots=32, mem_width=32, num_reads=2, batch_size=8,
+                   seq_len=64, epochs=2, log_every_steps=20, save_every_steps=200,
+                   dropout=0.0, inspect_tokens=24),
 }
 
 
@@ -186,7 +195,7 @@ def validate_config(cfg):
     """Check every field before any work: bad input never starts training or touches a file."""
     positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
                 "mem_width", "num_reads", "batch_size", "seq_len", "log_every_steps",
-                "save_every_steps", "inspect_tokens", "grad_accum_steps"]
+                "save_every_steps", "inspect_tokens", "grad_accum_steps", "bptt_segments"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be a positive integer")
@@ -217,6 +226,16 @@ def validate_config(cfg):
         (cfg.batch_size % (world_size() * cfg.grad_accum_steps) == 0, "batch_size",
          f"batch_size={cfg.batch_size} (the global batch) must be divisible by processes "
          f"({world_size()}) x grad_accum_steps ({cfg.grad_accum_steps})"),
+        (cfg.dataset in ("wikitext", "recall"), "dataset",
+         f"dataset={cfg.dataset!r}: use wikitext or recall"),
+        (re.fullmatch(r"\d+(,\d+)*", cfg.recall_distances) is not None
+         and min(int(d) for d in re.findall(r"\d+", cfg.recall_distances)) > 0,
+         "recall_distances", f"recall_distances={cfg.recall_distances!r}: use positive token "
+         f"counts separated by commas, e.g. 96,192,384"),
+        (not cfg.carry_memory or cfg.grad_accum_steps == 1, "grad_accum_steps",
+         "carry_memory=true needs grad_accum_steps=1: each row's state flows through its steps"),
+        (not cfg.carry_memory or cfg.bptt_segments == 1 or world_size() == 1, "bptt_segments",
+         "bptt_segments > 1 runs in one process only (DDP takes one backward per forward)"),
         (world_size() == 1 or cfg.num_gpus in ("auto", "0", "1"), "num_gpus",
          f"num_gpus={cfg.num_gpus}: nn.DataParallel cannot run under torchrun (one GPU per "
          f"process); leave --num_gpus=auto"),
@@ -414,6 +433,75 @@ def eval_batches(ids, seq_len, batch_size):
         yield tail
 
 
+def stream_rows(ids, rows):
+    """Transformer-XL layout: the stream cut into `rows` contiguous rows of equal length.
+
+    Row i holds ids[i m : i m + m + 1] (m = (len - 1) // rows), overlapping the next row by one
+    token, so that cutting rows into segments predicts each of its targets once. Returns the
+    rows (rows, m + 1) and the leftover tail (1, r + 1) of the last r < rows targets, or None.
+    """
+    ids = ids.long()
+    rows = max(1, min(rows, len(ids) - 1))
+    m = (len(ids) - 1) // rows
+    body = torch.stack([ids[i * m:i * m + m + 1] for i in range(rows)])
+    rest = ids[rows * m:]
+    return body, (rest.unsqueeze(0) if len(rest) > 1 else None)
+
+
+def row_segments(body, seq_len, full_only=False):
+    """Consecutive segments (rows, <= seq_len + 1) of the rows; the state carries along them."""
+    starts = range(0, body.shape[1] - 1, seq_len)
+    return [body[:, s:s + seq_len + 1] for s in starts
+            if not full_only or s + seq_len + 1 <= body.shape[1]]
+
+
+def carried_eval_batches(ids, seq_len, rows):
+    """Segments in order, then the tail: every target once; the tail starts a fresh state."""
+    body, tail = stream_rows(ids, rows)
+    yield from row_segments(body, seq_len)
+    if tail is not None:
+        yield tail
+
+
+RECALL_CHANCE = 1e-4  # exact match of a 4-digit code guessed uniformly: 1 in 10,000
+
+
+def recall_corpus(tokenizer, distances, seed):
+    """The long-range recall task: token streams per split and the answers to score.
+
+    An episode states two facts, " The code of <name> is <4 digits> .", then filler text of at
+    least `distance` tokens, then asks " The code of <name> is" and gives the code. Names and
+    codes are drawn afresh for every episode, so the answer can only come from the facts,
+    which lie `distance` tokens back. Answers: split -> list of (distance, token positions).
+    """
+    rng = random.Random(seed)
+    filler = [line for line in generated_corpus(seed)["train"].split("\n")
+              if line.strip() and "=" not in line]
+    first = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
+    last = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
+    streams, answers = {}, {}
+    for split, episodes in (("train", 600), ("valid", 24), ("test", 40)):
+        ids, spans = [], []
+        plan = [rng.choice(distances) for _ in range(episodes)] if split == "train" else \
+            [d for d in distances for _ in range(episodes // len(distances) or 1)]
+        for distance in plan:
+            people = rng.sample([f"{a} {b}" for a in first for b in last], 2)
+            codes = {p: f"{rng.randrange(10_000):04d}" for p in people}
+            for person in people:
+                ids += tokenizer.encode(f" The code of {person} is {codes[person]} .\n")
+            facts_end = len(ids)
+            while len(ids) - facts_end < distance:
+                ids += tokenizer.encode(rng.choice(filler) + "\n")
+            for person in rng.sample(people, 2):
+                ids += tokenizer.encode(f" The code of {person} is")
+                start = len(ids)
+                ids += tokenizer.encode(f" {codes[person]}")
+                spans.append((distance, list(range(start, len(ids)))))
+                ids += tokenizer.encode(" .\n")
+        streams[split], answers[split] = torch.tensor(ids, dtype=torch.int32), spans
+    return streams, answers
+
+
 def epoch_order(num_windows, seed, epoch):
     """The shuffled window order of one epoch; the same for both models and after a resume."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -561,19 +649,25 @@ class DNCMemory(nn.Module):
         return DNCState(zeros(self.N, self.W), zeros(self.N), zeros(self.N),
                         zeros(self.R, self.N), *links)
 
-    @torch.autocast("cuda", enabled=False)  # fp32 always: products of usages underflow in bf16
     def forward(self, h):
         """h (B, T, hidden) -> reads (B, T, R, W), write gates (B, T), write weights (B, T, N)."""
+        return self.scan(h)[:3]
+
+    @torch.autocast("cuda", enabled=False)  # fp32 always: products of usages underflow in bf16
+    def scan(self, h, state=None):
+        """forward() from a given state (carry_memory), also returning the final state."""
         h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         iface = self.interface(h)  # one matmul and one set of activations for all T tokens
-        state = self.initial_state(h.shape[0], h.device, h.dtype)
+        if state is None:
+            state = self.initial_state(h.shape[0], h.device, h.dtype)
         reads, write_weights = [], []
         for t in range(h.shape[1]):
             step = DNCInterface(*(x[:, t] if x is not None else None for x in iface))
             read, state = dnc_step(state, step)
             reads.append(read)
             write_weights.append(state.write_weights)
-        return torch.stack(reads, 1), iface.write_gate[..., 0], torch.stack(write_weights, 1)
+        gates = iface.write_gate[..., 0]
+        return torch.stack(reads, 1), gates, torch.stack(write_weights, 1), state
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -586,6 +680,7 @@ class LMOutput(NamedTuple):
     write_gate: Optional[torch.Tensor] = None  # (B, T), DNC only
     write_weights: Optional[torch.Tensor] = None  # (B, T, N), DNC only
     nomem_logits: Optional[torch.Tensor] = None  # (B, T, V): same model, read vector left out
+    memory_state: Optional[DNCState] = None  # DNC state after the last token (carry_memory)
 
 
 class GPT2LM(nn.Module):
@@ -612,16 +707,17 @@ class GPT2LM(nn.Module):
                 nn.init.normal_(layer.weight, std=0.02)  # GPT-2's initialisation scale
                 nn.init.zeros_(layer.bias)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, memory_state=None):
+        """memory_state: the DNC state to start from (carry_memory); None starts fresh."""
         with self.autocast(input_ids.device):
             h = self.transformer(input_ids=input_ids).last_hidden_state
             if not self.use_dnc:
                 return LMOutput(self.lm_head(h))
-            reads, write_gate, write_weights = self.memory(h)
+            reads, write_gate, write_weights, state = self.memory.scan(h, memory_state)
             logits = self.lm_head(h + self.read_proj(reads.flatten(-2)))
             with torch.no_grad():  # only the routing target and mem_kl use it; no gradient (SPEC)
                 nomem_logits = self.lm_head(h)
-        return LMOutput(logits, write_gate, write_weights, nomem_logits)
+        return LMOutput(logits, write_gate, write_weights, nomem_logits, state)
 
     def autocast(self, device):
         if self.amp_dtype == torch.float32:
@@ -775,25 +871,62 @@ def distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def carried_outputs(model, batches):
+    """(batch, output) in order, the DNC state flowing from each segment to the next.
+
+    The state starts fresh, and again whenever the number of rows changes (the tail).
+    """
+    device, state, rows = model_device(model), None, None
+    for batch in batches:
+        batch = batch.to(device)
+        if batch.shape[0] != rows:
+            state, rows = None, batch.shape[0]
+        out = model(batch[:, :-1], memory_state=state)
+        state = out.memory_state
+        yield batch, out
+
+
 @torch.no_grad()
-def evaluate(model, batches):
+def evaluate(model, batches, carry=False):
     """Every metric of SPEC, token-weighted over all batches (B, T + 1), whatever their sizes.
 
     Under DDP each process takes every world_size-th batch and the sums are all-reduced, so
-    the result equals a single-process evaluation of the same batches.
+    the result equals a single-process evaluation of the same batches. With carry, batches are
+    consecutive segments (carried_eval_batches) and every process evaluates all of them.
     """
     was_training = model.training
     model.eval()
     device, sums = model_device(model), MetricSums()
-    share, shares = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
-    for i, batch in enumerate(batches):
-        if i % shares == share:
-            batch = batch.to(device)
-            sums.add_batch(model(batch[:, :-1]), batch[:, 1:])
-    if distributed():
-        sums.all_reduce(device)
+    if carry:
+        for batch, out in carried_outputs(model, batches):
+            sums.add_batch(out, batch[:, 1:])
+    else:
+        share, shares = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+        for i, batch in enumerate(batches):
+            if i % shares == share:
+                batch = batch.to(device)
+                sums.add_batch(model(batch[:, :-1]), batch[:, 1:])
+        if distributed():
+            sums.all_reduce(device)
     model.train(was_training)
     return sums.metrics()
+
+
+@torch.no_grad()
+def recall_accuracy(model, ids, answers, cfg):
+    """Exact match of the answer digits per fact-query distance (teacher forced, argmax)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(len(ids), dtype=torch.bool)
+    positions = carried_eval_batches(torch.arange(len(ids)), cfg.seq_len, cfg.batch_size)
+    batches = carried_eval_batches(ids, cfg.seq_len, cfg.batch_size)
+    for (batch, out), where in zip(carried_outputs(model, batches), positions):
+        correct[where[:, 1:]] = (out.logits.argmax(-1) == batch[:, 1:]).cpu()
+    model.train(was_training)
+    by_distance = {}
+    for distance, span in answers:
+        by_distance.setdefault(distance, []).append(bool(correct[span].all()))
+    return {d: sum(hits) / len(hits) for d, hits in sorted(by_distance.items())}
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -804,7 +937,8 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 # a checkpoint made with other values of these cannot continue this run
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
-              "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed")
+              "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed", "carry_memory",
+              "bptt_segments", "dataset", "recall_distances")
 
 
 class TrainingError(Exception):
@@ -940,27 +1074,31 @@ class TrainLog:
         return row
 
 
-def gather_rng_states(device):
-    """Every process's RNG state (dropout), so that a resume continues each stream."""
+def gather_process_states(device, carried):
+    """Every process's RNG states (dropout) and carried DNC state, so a resume continues each.
+
+    The DNC state is stored as a plain list (weights_only loading admits no NamedTuple).
+    """
     cpu = torch.get_rng_state()
     accel = (torch.cuda.get_rng_state(device) if device.type == "cuda"
              else torch.empty(0, dtype=torch.uint8))
-    if not distributed():
-        return [cpu], [accel]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, (cpu, accel))
-    return [c for c, _ in states], [a for _, a in states]
+    memory = [x.cpu() if x is not None else None for x in carried] if carried else None
+    states = [(cpu, accel, memory)]
+    if distributed():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, (cpu, accel, memory))
+    return [list(column) for column in zip(*states)]
 
 
 def save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history, log, source,
-                    device, final=False):
-    """Called by every process (the RNG states are gathered); rank 0 alone writes."""
+                    device, carried, final=False):
+    """Called by every process (their states are gathered); rank 0 alone writes."""
     state = model.state_dict()
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise TrainingError(f"{name}: non-finite weights in {key} at step {step}; "
                                 f"not saved, the last good checkpoint stays")
-    cpu_states, accel_states = gather_rng_states(device)
+    cpu_states, accel_states, memory_states = gather_process_states(device, carried)
     path = checkpoint_path(cfg, name, step, final)
     if not is_main_process():
         return path
@@ -969,7 +1107,7 @@ def save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
             "global_step": step, "epoch": step // steps_per_epoch, "val_ppl": val_ppl,
             "config": asdict(cfg), "data_source": source, "model_name": name,
             "history": history, "train_log": log.sums, "rng_states": cpu_states,
-            "cuda_rng_states": accel_states}
+            "cuda_rng_states": accel_states, "memory_states": memory_states}
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
     return path
 
@@ -978,46 +1116,77 @@ def restore_training(cfg, name, model, optimizer, source, device):
     """Continue from the newest checkpoint of this model: step, history, train log, RNG states."""
     found = list_checkpoints(cfg.save_dir, name) if cfg.resume else []
     if not found:
-        return 0, {"train": [], "val": []}, TrainLog()
+        return 0, {"train": [], "val": []}, TrainLog(), None
     ckpt = load_checkpoint(found[-1][1], cfg, source)
     model.load_state_dict(ckpt["model_state_dict"])
     optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    carried = None
     if len(ckpt["rng_states"]) == world_size():
         torch.set_rng_state(ckpt["rng_states"][rank()])
         if device.type == "cuda" and len(ckpt["cuda_rng_states"][rank()]):
             torch.cuda.set_rng_state(ckpt["cuda_rng_states"][rank()], device)
+        memory = ckpt.get("memory_states", [None] * world_size())[rank()]
+        if memory is not None:
+            carried = DNCState(*(x.to(device) if x is not None else None for x in memory))
     elif is_main_process():
         print(f"{name}: saved by {len(ckpt['rng_states'])} process(es), resumed by "
               f"{world_size()}: dropout masks will differ from an uninterrupted run")
     if is_main_process():
         print(f"{name}: resumed from {found[-1][1]} at step {ckpt['global_step']}")
-    return ckpt["global_step"], ckpt["history"], TrainLog(ckpt["train_log"])
+    return ckpt["global_step"], ckpt["history"], TrainLog(ckpt["train_log"]), carried
 
 
-def micro_batches(train_windows, cfg, step, steps_per_epoch):
-    """This process's disjoint share of the global batch of `step`, as grad_accum_steps parts."""
+def training_units(train_ids, cfg):
+    """Shuffled windows (n, T + 1); with carry_memory, the segments (S, B, T + 1) of B rows."""
+    if cfg.carry_memory:
+        body, _ = stream_rows(train_ids, cfg.batch_size)
+        return torch.stack(row_segments(body, cfg.seq_len, full_only=True))
+    return make_windows(train_ids, cfg.seq_len)[0]
+
+
+def steps_in_epoch(units, cfg):
+    return len(units) // (cfg.bptt_segments if cfg.carry_memory else cfg.batch_size)
+
+
+def micro_batches(units, cfg, step, steps_per_epoch):
+    """This process's disjoint share of the global batch of `step`, as grad_accum_steps parts.
+
+    With carry_memory: this process's rows of the next bptt_segments segments, in order.
+    """
     epoch, position = divmod(step - 1, steps_per_epoch)
-    rows = epoch_order(len(train_windows), cfg.seed, epoch)[
+    if cfg.carry_memory:
+        segments = units[position * cfg.bptt_segments:(position + 1) * cfg.bptt_segments]
+        return [s.view(world_size(), -1, s.shape[-1])[rank()] for s in segments]
+    rows = epoch_order(len(units), cfg.seed, epoch)[
         position * cfg.batch_size:(position + 1) * cfg.batch_size]
     share = rows.view(world_size(), -1)[rank()]
-    return [train_windows[part] for part in share.view(cfg.grad_accum_steps, -1)]
+    return [units[part] for part in share.view(cfg.grad_accum_steps, -1)]
 
 
-def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device):
+def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device, state=None):
     """Forward and backward over the micro-batches, then one optimizer step.
 
-    Returns the step's sums (all-reduced) and the gradient norm; the loss of each micro-batch
-    is divided by their number so that the gradient is that of the global batch's mean loss.
+    Returns the step's sums (all-reduced), the gradient norm and, with carry_memory, the DNC
+    state after the last segment, detached: gradients flow through the bptt_segments segments
+    of one step (one backward over their summed loss) and stop at its boundary. Each loss is
+    divided by the number of micro-batches, so the gradient is that of the global mean loss.
     """
-    sums = dict.fromkeys(STEP_SUMS, 0.0)
+    sums, pending = dict.fromkeys(STEP_SUMS, 0.0), 0.0
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         last = i == len(batches) - 1
         sync = runner.no_sync() if distributed() and not last else contextlib.nullcontext()
         with sync:
-            out = runner(batch[:, :-1])
+            if cfg.carry_memory:
+                out = runner(batch[:, :-1], memory_state=state)
+                state = out.memory_state
+            else:
+                out = runner(batch[:, :-1])
             loss, parts = compute_loss(out, batch[:, 1:], cfg)
-            scaler.scale(loss / len(batches)).backward()
+            pending = pending + loss / len(batches)
+            if last or not cfg.carry_memory:
+                scaler.scale(pending).backward()
+                pending = 0.0
         tokens = batch[:, 1:].numel()
         sums["tokens"] += tokens
         sums["correct"] += (out.logits.argmax(-1) == batch[:, 1:]).sum().item()
@@ -1037,7 +1206,16 @@ def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device):
         scaler.step(optimizer)  # with fp16 the scaler skips steps whose gradients overflowed
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return sums, grad_norm
+    if state is not None:
+        state = DNCState(*(x.detach() if x is not None else None for x in state))
+    return sums, grad_norm, state
+
+
+def split_batches(ids, cfg):
+    """Evaluation batches of one split: windows, or with carry_memory consecutive segments."""
+    if cfg.carry_memory:
+        return carried_eval_batches(ids, cfg.seq_len, cfg.batch_size)
+    return eval_batches(ids, cfg.seq_len, cfg.batch_size)
 
 
 def check_finite(name, step, loss, grad_norm, cfg):
@@ -1048,7 +1226,7 @@ def check_finite(name, step, loss, grad_norm, cfg):
                                 f"good checkpoint stays in {cfg.save_dir} (try a lower --lr)")
 
 
-def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
+def train_model(cfg, use_dnc, units, valid_ids, device, source, stop):
     """Train one model; validate and checkpoint every save_every_steps and at the end."""
     from tqdm import tqdm
 
@@ -1057,8 +1235,8 @@ def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(cfg) == torch.float16)
     torch.manual_seed(cfg.seed + rank())  # dropout: one stream per process, restored on resume
-    step, history, log = restore_training(cfg, name, model, optimizer, source, device)
-    steps_per_epoch = len(train_windows) // cfg.batch_size
+    step, history, log, carried = restore_training(cfg, name, model, optimizer, source, device)
+    steps_per_epoch = steps_in_epoch(units, cfg)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     runner = wrap_for_hardware(model, cfg, device)
     model.train()
@@ -1066,9 +1244,11 @@ def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
               mininterval=1.0, disable=not is_main_process()) as bar:  # closed on errors too
         started, first = time.time(), step
         for step in range(step + 1, total_steps + 1):
-            batches = micro_batches(train_windows, cfg, step, steps_per_epoch)
-            sums, grad_norm = train_step(runner, model, optimizer, scaler, batches, cfg, stop,
-                                         device)
+            if (step - 1) % steps_per_epoch == 0:
+                carried = None  # the carried DNC state starts fresh each epoch
+            batches = micro_batches(units, cfg, step, steps_per_epoch)
+            sums, grad_norm, carried = train_step(runner, model, optimizer, scaler, batches, cfg,
+                                                  stop, device, carried)
             check_finite(name, step, sums.pop("total") / sums["tokens"],
                          grad_norm if not scaler.is_enabled() else 0.0, cfg)
             stop_requested = sums.pop("stop") > 0
@@ -1082,15 +1262,15 @@ def train_model(cfg, use_dnc, train_windows, valid_ids, device, source, stop):
                             tok_s=f"{tokens_per_s:.0f}")
             final = step == total_steps
             if final or step % cfg.save_every_steps == 0:
-                metrics = evaluate(model, eval_batches(valid_ids, cfg.seq_len, cfg.batch_size))
+                metrics = evaluate(model, split_batches(valid_ids, cfg), cfg.carry_memory)
                 history["val"].append({"step": step, **metrics})
                 path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
-                                       log, source, device, final)
+                                       log, source, device, carried, final)
                 bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
                           f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f} -> {path}")
             elif stop_requested:
                 path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
-                                       log, source, device)
+                                       log, source, device, carried)
             if stop_requested:
                 raise Interrupted(f"stopped by a signal at step {step} of {name}: saved {path}")
     return model, history
@@ -1200,6 +1380,16 @@ def comparison_table(base, dnc, source):
     return "\n".join(lines)
 
 
+def recall_table(base, dnc):
+    """Exact-match accuracy on the recall answers per fact-query distance, with chance."""
+    lines = ["", "  LONG-RANGE RECALL — exact match of the 4-digit code, test split",
+             f"  chance {RECALL_CHANCE:.4f} (1 in 10,000 codes)",
+             f"  {'Distance (tokens)':<22}{'GPT2 Baseline':>16}{'GPT2 + DNC':>17}", "  " + "─" * 62]
+    for distance in base:
+        lines.append(f"  {distance:<22}{base[distance]:>16.3f}{dnc[distance]:>17.3f}")
+    return "\n".join(lines)
+
+
 def inspection_snippet(tokenizer, valid_ids, length):
     """The first `length` tokens of the first prose line (no heading) of the validation split."""
     text = tokenizer.decode(valid_ids[: 50 * length].tolist())
@@ -1233,6 +1423,8 @@ def report(cfg, models, histories, results, tokenizer, valid_ids, source):
     plot_training_curves(histories, Path(cfg.plot_dir) / "training_curves.png")
     print()
     print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
+    if "recall" in results[MODEL_NAMES[0]]:
+        print(recall_table(results[MODEL_NAMES[0]]["recall"], results[MODEL_NAMES[1]]["recall"]))
     snippet = inspection_snippet(tokenizer, valid_ids, cfg.inspect_tokens)
     table, tokens, gates, weights = inspect_writes(models[MODEL_NAMES[1]], tokenizer, snippet)
     print(f"\n  MEMORY WRITE INSPECTION — GPT2 + DNC on a validation snippet of {source}")
@@ -1249,11 +1441,17 @@ def run(cfg, stop):
     if cfg.vocab_size != len(tokenizer):
         raise ConfigError(f"--vocab_size={cfg.vocab_size}: the GPT-2 tokenizer has "
                           f"{len(tokenizer)} tokens; leave vocab_size at {len(tokenizer)}")
-    streams, source = load_data(cfg, tokenizer)
-    train_windows, _ = make_windows(streams["train"], cfg.seq_len)
-    if len(train_windows) < cfg.batch_size:
-        raise ConfigError(f"--batch_size={cfg.batch_size}: the train split of {source} has only "
-                          f"{len(train_windows)} windows of {cfg.seq_len} tokens; lower "
+    answers = None
+    if cfg.dataset == "recall":
+        distances = [int(d) for d in cfg.recall_distances.split(",")]
+        streams, answers = recall_corpus(tokenizer, distances, cfg.seed)
+        source = f"generated long-range recall task (distances {cfg.recall_distances} tokens)"
+    else:
+        streams, source = load_data(cfg, tokenizer)
+    units = training_units(streams["train"], cfg)
+    if steps_in_epoch(units, cfg) < 1:
+        raise ConfigError(f"--batch_size={cfg.batch_size}: the train split of {source} is too "
+                          f"short for one step of {cfg.batch_size} x {cfg.seq_len} tokens; lower "
                           f"--batch_size or --seq_len")
     if is_main_process():
         print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
@@ -1266,11 +1464,14 @@ def run(cfg, stop):
     models, histories, results = {}, {}, {}
     for use_dnc in (False, True):
         name = MODEL_NAMES[use_dnc]
-        models[name], histories[name] = train_model(cfg, use_dnc, train_windows, streams["valid"],
+        models[name], histories[name] = train_model(cfg, use_dnc, units, streams["valid"],
                                                     device, source, stop)
-        results[name] = evaluate(models[name], eval_batches(streams["test"], cfg.seq_len,
-                                                            cfg.batch_size))
+        results[name] = evaluate(models[name], split_batches(streams["test"], cfg),
+                                 cfg.carry_memory)
         results[name]["params"] = count_parameters(models[name])
+        if answers is not None:
+            results[name]["recall"] = recall_accuracy(models[name], streams["test"],
+                                                      answers["test"], cfg)
     if is_main_process():
         report(cfg, models, histories, results, tokenizer, streams["valid"], source)
     return results

@@ -160,9 +160,9 @@ def is_main_process():
 
 
 def resolve_device(cfg):
-    if cfg.device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if cfg.device in ("auto", "cuda"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(cfg.device)
 
@@ -171,7 +171,7 @@ def resolve_num_gpus(cfg):
     """GPUs that nn.DataParallel spreads one process over (1 per process under torchrun)."""
     if resolve_device(cfg).type != "cuda":
         return 0
-    if world_size() > 1:
+    if world_size() > 1 or cfg.device.startswith("cuda:"):
         return 1
     return min(2, available_gpus()) if cfg.num_gpus == "auto" else int(cfg.num_gpus)
 
@@ -232,6 +232,11 @@ def validate_config(cfg):
          and min(int(d) for d in re.findall(r"\d+", cfg.recall_distances)) > 0,
          "recall_distances", f"recall_distances={cfg.recall_distances!r}: use positive token "
          f"counts separated by commas, e.g. 96,192,384"),
+        (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
+         "normalised by log N)"),
+        (not (cfg.carry_memory and cfg.use_compile), "use_compile",
+         "use_compile=true with carry_memory=true is not supported (compiled outputs are reused "
+         "as the next segment's inputs); drop one of them"),
         (not cfg.carry_memory or cfg.grad_accum_steps == 1, "grad_accum_steps",
          "carry_memory=true needs grad_accum_steps=1: each row's state flows through its steps"),
         (not cfg.carry_memory or cfg.bptt_segments == 1 or world_size() == 1, "bptt_segments",
@@ -794,8 +799,9 @@ def compute_loss(out, targets, cfg):
     return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
 
 
-METRIC_SUM_KEYS = ("nll", "top1", "top5", "confidence", "rank", "entropy", "dnc_tokens", "gate",
-                   "gate_sq", "writes", "write_entropy", "kl")
+DNC_METRIC_SUMS = ("gate", "gate_sq", "writes", "write_entropy", "kl")
+METRIC_SUM_KEYS = ("nll", "top1", "top5", "confidence", "rank", "entropy", "dnc_tokens",
+                   *DNC_METRIC_SUMS)
 
 
 class MetricSums:
@@ -849,7 +855,9 @@ class MetricSums:
             self.add("kl", kl_from_log_probs(log_probs, F.log_softmax(nomem_logits.float(), -1)))
 
     def metrics(self):
-        mean = {name: float(total) / self.tokens for name, total in self.sums.items()}
+        dnc_tokens = float(self.sums.get("dnc_tokens", 0.0))
+        mean = {name: float(total) / (dnc_tokens if name in DNC_METRIC_SUMS else self.tokens)
+                for name, total in self.sums.items()}
         result = {"loss": mean["nll"], "ppl": math.exp(mean["nll"]),
                   "bpt": mean["nll"] / math.log(2),
                   "top1_acc": mean["top1"], "top5_acc": mean["top5"],
@@ -914,19 +922,23 @@ def evaluate(model, batches, carry=False):
 
 @torch.no_grad()
 def recall_accuracy(model, ids, answers, cfg):
-    """Exact match of the answer digits per fact-query distance (teacher forced, argmax)."""
+    """Exact match of the answer digits per fact-query distance (teacher forced, argmax).
+
+    The test stream is read as one row, so that no episode is cut by a row boundary (a cut
+    would leave its query without its facts, and long episodes would be cut more often).
+    """
     was_training = model.training
     model.eval()
     correct = torch.zeros(len(ids), dtype=torch.bool)
-    positions = carried_eval_batches(torch.arange(len(ids)), cfg.seq_len, cfg.batch_size)
-    batches = carried_eval_batches(ids, cfg.seq_len, cfg.batch_size)
+    positions = carried_eval_batches(torch.arange(len(ids)), cfg.seq_len, rows=1)
+    batches = carried_eval_batches(ids, cfg.seq_len, rows=1)
     for (batch, out), where in zip(carried_outputs(model, batches), positions):
         correct[where[:, 1:]] = (out.logits.argmax(-1) == batch[:, 1:]).cpu()
     model.train(was_training)
     by_distance = {}
     for distance, span in answers:
         by_distance.setdefault(distance, []).append(bool(correct[span].all()))
-    return {d: sum(hits) / len(hits) for d, hits in sorted(by_distance.items())}
+    return {d: (sum(hits) / len(hits), len(hits)) for d, hits in sorted(by_distance.items())}
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -1090,8 +1102,8 @@ def gather_process_states(device, carried):
     return [list(column) for column in zip(*states)]
 
 
-def save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history, log, source,
-                    device, carried, final=False):
+def save_checkpoint(cfg, name, model, optimizer, scaler, step, steps_per_epoch, history, log,
+                    source, device, carried, final=False):
     """Called by every process (their states are gathered); rank 0 alone writes."""
     state = model.state_dict()
     for key, value in state.items():
@@ -1104,6 +1116,7 @@ def save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
         return path
     val_ppl = history["val"][-1]["ppl"] if history["val"] else float("nan")
     ckpt = {"model_state_dict": state, "optimizer_state_dict": optimizer.state_dict(),
+            "scaler_state_dict": scaler.state_dict(),
             "global_step": step, "epoch": step // steps_per_epoch, "val_ppl": val_ppl,
             "config": asdict(cfg), "data_source": source, "model_name": name,
             "history": history, "train_log": log.sums, "rng_states": cpu_states,
@@ -1112,7 +1125,7 @@ def save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
     return path
 
 
-def restore_training(cfg, name, model, optimizer, source, device):
+def restore_training(cfg, name, model, optimizer, scaler, source, device):
     """Continue from the newest checkpoint of this model: step, history, train log, RNG states."""
     found = list_checkpoints(cfg.save_dir, name) if cfg.resume else []
     if not found:
@@ -1120,6 +1133,8 @@ def restore_training(cfg, name, model, optimizer, source, device):
     ckpt = load_checkpoint(found[-1][1], cfg, source)
     model.load_state_dict(ckpt["model_state_dict"])
     optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    if ckpt.get("scaler_state_dict"):
+        scaler.load_state_dict(ckpt["scaler_state_dict"])
     carried = None
     if len(ckpt["rng_states"]) == world_size():
         torch.set_rng_state(ckpt["rng_states"][rank()])
@@ -1177,11 +1192,11 @@ def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device, sta
         last = i == len(batches) - 1
         sync = runner.no_sync() if distributed() and not last else contextlib.nullcontext()
         with sync:
+            # the state keyword only when there is one: DataParallel pads missing inputs badly
+            state_arg = {"memory_state": state} if state is not None else {}
+            out = runner(batch[:, :-1], **state_arg)
             if cfg.carry_memory:
-                out = runner(batch[:, :-1], memory_state=state)
                 state = out.memory_state
-            else:
-                out = runner(batch[:, :-1])
             loss, parts = compute_loss(out, batch[:, 1:], cfg)
             pending = pending + loss / len(batches)
             if last or not cfg.carry_memory:
@@ -1202,9 +1217,11 @@ def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device, sta
         sums = dict(zip(STEP_SUMS, totals.tolist()))
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    # a non-finite loss or gradient skips the step, and check_finite then stops the run; with
+    # fp16 the scaler itself skips steps whose gradients overflowed and lowers its scale
     if math.isfinite(sums["total"]) and (math.isfinite(grad_norm) or scaler.is_enabled()):
-        scaler.step(optimizer)  # with fp16 the scaler skips steps whose gradients overflowed
-        scaler.update()
+        scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if state is not None:
         state = DNCState(*(x.detach() if x is not None else None for x in state))
@@ -1219,7 +1236,7 @@ def split_batches(ids, cfg):
 
 
 def check_finite(name, step, loss, grad_norm, cfg):
-    """A diverged model stops here, before its optimizer step: no NaN reaches a checkpoint."""
+    """A diverged model (its optimizer step was skipped) stops: no NaN reaches a checkpoint."""
     for what, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not math.isfinite(value):
             raise TrainingError(f"{name}: {what} is {value} at step {step}; stopped, the last "
@@ -1235,7 +1252,8 @@ def train_model(cfg, use_dnc, units, valid_ids, device, source, stop):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(cfg) == torch.float16)
     torch.manual_seed(cfg.seed + rank())  # dropout: one stream per process, restored on resume
-    step, history, log, carried = restore_training(cfg, name, model, optimizer, source, device)
+    step, history, log, carried = restore_training(cfg, name, model, optimizer, scaler, source,
+                                                   device)
     steps_per_epoch = steps_in_epoch(units, cfg)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     runner = wrap_for_hardware(model, cfg, device)
@@ -1264,13 +1282,14 @@ def train_model(cfg, use_dnc, units, valid_ids, device, source, stop):
             if final or step % cfg.save_every_steps == 0:
                 metrics = evaluate(model, split_batches(valid_ids, cfg), cfg.carry_memory)
                 history["val"].append({"step": step, **metrics})
-                path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
-                                       log, source, device, carried, final)
+                path = save_checkpoint(cfg, name, model, optimizer, scaler, step,
+                                       steps_per_epoch, history, log, source, device, carried,
+                                       final)
                 bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
                           f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f} -> {path}")
             elif stop_requested:
-                path = save_checkpoint(cfg, name, model, optimizer, step, steps_per_epoch, history,
-                                       log, source, device, carried)
+                path = save_checkpoint(cfg, name, model, optimizer, scaler, step,
+                                       steps_per_epoch, history, log, source, device, carried)
             if stop_requested:
                 raise Interrupted(f"stopped by a signal at step {step} of {name}: saved {path}")
     return model, history
@@ -1384,18 +1403,19 @@ def recall_table(base, dnc):
     """Exact-match accuracy on the recall answers per fact-query distance, with chance."""
     lines = ["", "  LONG-RANGE RECALL — exact match of the 4-digit code, test split",
              f"  chance {RECALL_CHANCE:.4f} (1 in 10,000 codes)",
-             f"  {'Distance (tokens)':<22}{'GPT2 Baseline':>16}{'GPT2 + DNC':>17}", "  " + "─" * 62]
-    for distance in base:
-        lines.append(f"  {distance:<22}{base[distance]:>16.3f}{dnc[distance]:>17.3f}")
+             f"  {'Distance (tokens)':<22}{'GPT2 Baseline':>16}{'GPT2 + DNC':>17}   queries",
+             "  " + "─" * 62]
+    for distance, (accuracy, queries) in base.items():
+        lines.append(f"  {distance:<22}{accuracy:>16.3f}{dnc[distance][0]:>17.3f}   {queries}")
     return "\n".join(lines)
 
 
 def inspection_snippet(tokenizer, valid_ids, length):
-    """The first `length` tokens of the first prose line (no heading) of the validation split."""
+    """`length` tokens of the longest of the first three prose lines of the validation split."""
     text = tokenizer.decode(valid_ids[: 50 * length].tolist())
     lines = [line for line in text.split("\n") if line.strip() and not line.strip().startswith("=")]
     line = max(lines[:3], key=len) if lines else text
-    return torch.tensor(tokenizer.encode(line.strip())[:length])
+    return torch.tensor(tokenizer.encode(line.rstrip())[:length])
 
 
 @torch.no_grad()

@@ -245,11 +245,12 @@ def test_save_checkpoint_torn_by_torch_save_failure(tmp_path, monkeypatch):
                    mem_width=4, num_reads=1, save_dir=str(tmp_path))
     model = D.build_model(cfg, use_dnc=True)
     optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     history = {"train": [], "val": [{"step": 3, "loss": 2.0, "ppl": math.exp(2.0)}]}
 
     def save(step):
-        return D.save_checkpoint(cfg, "GPT2 + DNC", model, optimizer, step, 100, history,
-                                 D.TrainLog(), "test data", torch.device("cpu"))
+        return D.save_checkpoint(cfg, "GPT2 + DNC", model, optimizer, scaler, step, 100,
+                                 history, D.TrainLog(), "test data", torch.device("cpu"), None)
 
     earlier = save(3)
     before = earlier.read_bytes()

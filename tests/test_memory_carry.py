@@ -150,3 +150,18 @@ def test_recall_corpus_answers_are_the_codes_beyond_the_window():
         gap = len(tokenizer.encode(before[stated:]))
         assert gap > distance
     assert text.count("The code of") == 2 * len(answers["test"])
+
+
+def test_recall_preset_end_to_end_reports_accuracy_per_distance(tmp_path, capsys):
+    args = ["--preset=recall", "--hidden_size=32", "--num_layers=1", "--num_heads=2",
+            "--mem_slots=8", "--mem_width=8", "--max_steps=2", "--save_every_steps=2",
+            "--recall_distances=70,140", f"--save_dir={tmp_path}/ckpt",
+            f"--plot_dir={tmp_path}/plots", f"--cache_dir={tmp_path}/cache"]
+    assert D.main(args) == 0
+    out = capsys.readouterr().out
+    assert "test split · generated long-range recall task (distances 70,140 tokens)" in out
+    section = out.split("LONG-RANGE RECALL")[1].splitlines()
+    assert "chance 0.0001" in section[1]
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in section[4:6]}
+    assert set(rows) == {"70", "140"}
+    assert all(0 <= acc <= 1 for accs in rows.values() for acc in accs)

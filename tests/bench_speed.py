@@ -2,6 +2,7 @@
 
     python tests/bench_speed.py                      # every case at the default Config
     python tests/bench_speed.py --cases=train --repeats=7
+    python tests/bench_speed.py --cases=train_compiled        # both models with use_compile
 
 Prints one JSON line per case, then a table. Each ratio compares the two models measured
 interleaved (baseline, DNC, baseline, DNC, ...) in the same process, so machine noise hits
@@ -57,17 +58,21 @@ def time_interleaved(cfg, repeats, kind):
                           generator=torch.Generator().manual_seed(0))
     models = [dnc_gpt2.build_model(cfg, use_dnc) for use_dnc in (False, True)]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=cfg.lr) for m in models]
+    runners = [dnc_gpt2.wrap_for_hardware(m, cfg, torch.device("cpu")) for m in models]
 
     def step(i):
         if kind == "train":
-            train_step(models[i], optimizers[i], batch, cfg)
+            train_step(runners[i], optimizers[i], batch, cfg)
         else:
-            eval_step(models[i], batch, cfg)
+            eval_step(runners[i], batch, cfg)
 
     times, peaks = ([], []), [0.0, 0.0]
-    for i in (0, 1):  # warm-up: allocator, optimizer state, first-call overheads
+    compile_s = []
+    for i in (0, 1):  # warm-up: allocator, optimizer state, first-call overheads, compilation
+        start = time.perf_counter()
         reset_peak_rss()
         step(i)
+        compile_s.append(time.perf_counter() - start)
         peaks[i] = peak_rss_mib()
     for _ in range(repeats):
         for i in (0, 1):
@@ -81,7 +86,8 @@ def time_interleaved(cfg, repeats, kind):
     return {"baseline_s": round(base, 4), "dnc_s": round(dnc, 4), "ratio": round(dnc / base, 3),
             "baseline_tok_s": round(tokens / base, 1), "dnc_tok_s": round(tokens / dnc, 1),
             "baseline_peak_rss_mib": round(peaks[0]), "dnc_peak_rss_mib": round(peaks[1]),
-            "repeats": repeats}
+            "repeats": repeats,
+            **({"first_step_s": [round(s, 1) for s in compile_s]} if cfg.use_compile else {})}
 
 
 def time_data_load():
@@ -103,20 +109,26 @@ def time_data_load():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--cases", default="train,train_links,eval,eval_links,data_load")
+    parser.add_argument("--cases", default="train,train_links,eval,eval_links,train_compiled,data_load")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--malloc_default", action="store_true",
+                        help="leave glibc's malloc as it is (dnc_gpt2.main calls keep_freed_memory)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if not args.malloc_default:
+        dnc_gpt2.keep_freed_memory()
+    machine = (f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+               f"threads, malloc {'default' if args.malloc_default else 'keep_freed_memory'}")
     print(f"# default Config (B=4, T=128, 6 layers, 768 wide, 8 heads, N=64, W=128, R=4); {machine}")
     results = []
     for case in args.cases.split(","):
         if case == "data_load":
             result = time_data_load()
         else:
-            cfg = dnc_gpt2.Config(temporal_links=case.endswith("_links"))
+            cfg = dnc_gpt2.Config(temporal_links="_links" in case,
+                                  use_compile=case.endswith("_compiled"), compile_mode="default")
             result = time_interleaved(cfg, args.repeats, case.split("_")[0])
         results.append({"case": case, **result})
         print(json.dumps(results[-1]), flush=True)

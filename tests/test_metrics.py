@@ -187,7 +187,7 @@ def test_token_kl_by_hand():
     q = [[0.0, 0.0, 0.0, 0.0], [0.5, -1.0, 2.0, 0.0]]
     # KL is asymmetric here, so the test tells KL(p_mem || p_nomem) from the reverse.
     assert abs(kl(p[0], q[0]) - kl(q[0], p[0])) > 0.1
-    got = D.token_kl(torch.tensor([p]), torch.tensor([q]))
+    got = D.token_kl(F.log_softmax(torch.tensor([p]), -1), torch.tensor([q]))
     assert got.shape == (1, 2)
     assert got[0, 0].item() == pytest.approx(kl(p[0], q[0]), **TOL)
     assert got[0, 1].item() == pytest.approx(0.0, abs=1e-6)
@@ -255,7 +255,7 @@ def test_compute_loss_composition():
     lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1)).item()
 
     total, parts = D.compute_loss(dnc_output(logits, gate, weights, nomem), targets, cfg)
-    routing = D.routing_loss(gate, D.token_kl(logits, nomem)).item()
+    routing = D.routing_loss(gate, D.token_kl(F.log_softmax(logits, -1), nomem)).item()
     entropy = D.entropy_loss(weights).item()
     assert set(parts) == {"lm", "routing", "entropy"}
     assert all(isinstance(v, float) for v in parts.values())

@@ -2,17 +2,19 @@
 
     python tests/bench_speed.py                      # every case at the default Config
     python tests/bench_speed.py --cases=train --repeats=7
-    python tests/bench_speed.py --cases=train_compiled        # both models with use_compile
+    python tests/bench_speed.py --cases=train --routing_stride=4     # the approximate option
 
 Prints one JSON line per case, then a table. Each ratio compares the two models measured
 interleaved (baseline, DNC, baseline, DNC, ...) in the same process, so machine noise hits
-both alike. Not collected by pytest: timings are never asserted in tests.
+both alike. Peak memory is measured in a fresh process per model (two steps), because a
+process never gives its peak back. Not collected by pytest: timings are never asserted in tests.
 """
 
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,68 +28,69 @@ import dnc_gpt2  # noqa: E402
 WT2_MINI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wt2-mini"
 
 
-def reset_peak_rss():
-    """Linux: writing 5 to clear_refs resets VmHWM, the peak resident set size."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def peak_rss_mib():
+    """Linux: VmHWM, the peak resident set size of this process."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def train_step(model, optimizer, batch, cfg):
-    out = model(batch[:, :-1])
-    loss, _ = dnc_gpt2.compute_loss(out, batch[:, 1:], cfg)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+def case_config(case, routing_stride):
+    return dnc_gpt2.Config(temporal_links="_links" in case, routing_stride=routing_stride,
+                           use_compile=case.endswith("_compiled"), compile_mode="default")
 
 
-def eval_step(model, batch, cfg):
-    dnc_gpt2.evaluate(model, [batch])
+def make_stepper(cfg, use_dnc, kind):
+    """A function doing one train step (forward, backward, AdamW) or one evaluation batch."""
+    batch = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
+                          generator=torch.Generator().manual_seed(0))
+    model = dnc_gpt2.build_model(cfg, use_dnc)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    runner = dnc_gpt2.wrap_for_hardware(model, cfg, torch.device("cpu"))
+
+    def train_step():
+        out = runner(batch[:, :-1])
+        loss, _ = dnc_gpt2.compute_loss(out, batch[:, 1:], cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+    def eval_step():
+        dnc_gpt2.evaluate(runner, [batch])
+
+    return train_step if kind == "train" else eval_step
 
 
 def time_interleaved(cfg, repeats, kind):
-    """Median seconds per step of both models, alternating; peak RSS of each model's steps."""
-    batch = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
-                          generator=torch.Generator().manual_seed(0))
-    models = [dnc_gpt2.build_model(cfg, use_dnc) for use_dnc in (False, True)]
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=cfg.lr) for m in models]
-    runners = [dnc_gpt2.wrap_for_hardware(m, cfg, torch.device("cpu")) for m in models]
-
-    def step(i):
-        if kind == "train":
-            train_step(runners[i], optimizers[i], batch, cfg)
-        else:
-            eval_step(runners[i], batch, cfg)
-
-    times, peaks = ([], []), [0.0, 0.0]
-    compile_s = []
-    for i in (0, 1):  # warm-up: allocator, optimizer state, first-call overheads, compilation
+    """Median seconds per step of both models, alternating baseline and DNC."""
+    steps = [make_stepper(cfg, use_dnc, kind) for use_dnc in (False, True)]
+    first_s, times = [], ([], [])
+    for step in steps:  # warm-up: allocator, optimizer state, first-call overheads, compilation
         start = time.perf_counter()
-        reset_peak_rss()
-        step(i)
-        compile_s.append(time.perf_counter() - start)
-        peaks[i] = peak_rss_mib()
+        step()
+        first_s.append(time.perf_counter() - start)
     for _ in range(repeats):
-        for i in (0, 1):
-            reset_peak_rss()
+        for i, step in enumerate(steps):
             start = time.perf_counter()
-            step(i)
+            step()
             times[i].append(time.perf_counter() - start)
-            peaks[i] = max(peaks[i], peak_rss_mib())
     base, dnc = (statistics.median(t) for t in times)
     tokens = cfg.batch_size * cfg.seq_len
     return {"baseline_s": round(base, 4), "dnc_s": round(dnc, 4), "ratio": round(dnc / base, 3),
             "baseline_tok_s": round(tokens / base, 1), "dnc_tok_s": round(tokens / dnc, 1),
-            "baseline_peak_rss_mib": round(peaks[0]), "dnc_peak_rss_mib": round(peaks[1]),
             "repeats": repeats,
-            **({"first_step_s": [round(s, 1) for s in compile_s]} if cfg.use_compile else {})}
+            **({"first_step_s": [round(s, 1) for s in first_s]} if cfg.use_compile else {})}
+
+
+def peak_in_fresh_process(case, use_dnc, args):
+    """Peak RSS (MiB) of a new process that builds one model and runs two of its steps."""
+    command = [sys.executable, __file__, f"--peak_of={case}:{int(use_dnc)}",
+               f"--routing_stride={args.routing_stride}"] + (
+                  ["--malloc_default"] if args.malloc_default else [])
+    return round(float(subprocess.run(command, capture_output=True, text=True,
+                                      check=True).stdout.split()[-1]))
 
 
 def time_data_load():
@@ -109,37 +112,54 @@ def time_data_load():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--cases", default="train,train_links,eval,eval_links,train_compiled,data_load")
+    parser.add_argument("--cases",
+                        default="train,train_links,eval,eval_links,train_compiled,data_load")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--routing_stride", type=int, default=1, help="Config.routing_stride")
     parser.add_argument("--malloc_default", action="store_true",
-                        help="leave glibc's malloc as it is (dnc_gpt2.main calls keep_freed_memory)")
+                        help="leave glibc's malloc as is (dnc_gpt2.main calls keep_freed_memory)")
+    parser.add_argument("--no_peak", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--peak_of", help=argparse.SUPPRESS)  # CASE:USE_DNC, in a child process
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.malloc_default:
         dnc_gpt2.keep_freed_memory()
+    if args.peak_of:
+        case, use_dnc = args.peak_of.split(":")
+        step = make_stepper(case_config(case, args.routing_stride), use_dnc == "1",
+                            case.split("_")[0])
+        step()
+        step()
+        print(peak_rss_mib())
+        return
     machine = (f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
-               f"threads, malloc {'default' if args.malloc_default else 'keep_freed_memory'}")
-    print(f"# default Config (B=4, T=128, 6 layers, 768 wide, 8 heads, N=64, W=128, R=4); {machine}")
+               f"threads, malloc {'default' if args.malloc_default else 'keep_freed_memory'}, "
+               f"routing_stride {args.routing_stride}")
+    print("# default Config (B=4, T=128, 6 layers, 768 wide, 8 heads, N=64, W=128, R=4); "
+          + machine)
     results = []
     for case in args.cases.split(","):
         if case == "data_load":
             result = time_data_load()
         else:
-            cfg = dnc_gpt2.Config(temporal_links="_links" in case,
-                                  use_compile=case.endswith("_compiled"), compile_mode="default")
+            cfg = case_config(case, args.routing_stride)
             result = time_interleaved(cfg, args.repeats, case.split("_")[0])
+            if not args.no_peak and not cfg.use_compile:
+                result.update(baseline_peak_rss_mib=peak_in_fresh_process(case, False, args),
+                              dnc_peak_rss_mib=peak_in_fresh_process(case, True, args))
         results.append({"case": case, **result})
         print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'case':<12}{'baseline s':>11}{'DNC s':>9}{'ratio':>7}{'DNC tok/s':>11}"
+    print(f"\n{'case':<16}{'baseline s':>11}{'DNC s':>9}{'ratio':>7}{'DNC tok/s':>11}"
           f"{'peak MiB b/d':>15}")
     for r in results:
         if "ratio" in r:
-            print(f"{r['case']:<12}{r['baseline_s']:>11.3f}{r['dnc_s']:>9.3f}{r['ratio']:>7.3f}"
-                  f"{r['dnc_tok_s']:>11.0f}{r['baseline_peak_rss_mib']:>8}/{r['dnc_peak_rss_mib']}")
+            peaks = f"{r.get('baseline_peak_rss_mib', '-')}/{r.get('dnc_peak_rss_mib', '-')}"
+            print(f"{r['case']:<16}{r['baseline_s']:>11.3f}{r['dnc_s']:>9.3f}{r['ratio']:>7.3f}"
+                  f"{r['dnc_tok_s']:>11.0f}{peaks:>15}")
         elif "first_s" in r:
-            print(f"{r['case']:<12} first {r['first_s']:.2f} s, cached {r['cached_s']:.3f} s, "
+            print(f"{r['case']:<16} first {r['first_s']:.2f} s, cached {r['cached_s']:.3f} s, "
                   f"{r['tokens']:,} tokens")
 
 

@@ -116,6 +116,7 @@ def run_main(root, args):
     (["--save_every_steps=0"], "save_every_steps"),
     (["--log_every_steps=0"], "log_every_steps"),
     (["--dropout=1.5"], "dropout"),
+    (["--routing_stride=0"], "routing_stride"),
     (["--num_gpus=3"], "num_gpus"),
     pytest.param(["--num_gpus=1"], "num_gpus", marks=NO_CUDA),
     pytest.param(["--device=cuda"], "device", marks=NO_CUDA),

@@ -151,3 +151,54 @@ def test_realistic_small_forward_backward(links):
     assert set(parts) == {"lm", "routing", "entropy"}
     assert all(torch.isfinite(torch.tensor(v)) for v in parts.values())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_routing_stride_takes_the_routing_loss_on_every_kth_token(stride):
+    cfg = tiny_cfg(False, routing_stride=stride)
+    model = D.build_model(cfg, True)
+    ids = random_ids(cfg, length=cfg.seq_len + 1)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        full = model.eval()(inputs)  # evaluation keeps every position (mem_kl is exact)
+        train = model.train()(inputs)  # dropout is 0, so only the nomem positions differ
+    kept = list(range(0, cfg.seq_len, stride))
+    assert full.nomem_logits.shape[1] == cfg.seq_len
+    assert train.nomem_logits.shape[1] == len(kept)
+    assert torch.allclose(train.nomem_logits, full.nomem_logits[:, kept], atol=1e-6)
+
+    log_p = torch.log_softmax(full.logits, -1)[:, kept]
+    log_q = torch.log_softmax(full.nomem_logits, -1)[:, kept]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    expected = D.routing_loss(full.write_gate[:, kept], kl).item()
+    exact = D.routing_loss(full.write_gate, D.token_kl(torch.log_softmax(full.logits, -1),
+                                                        full.nomem_logits)).item()
+    assert abs(expected - exact) > 1e-6  # the subset really is a different loss
+    for out in (train, full):  # training-mode and evaluation-mode outputs give the same loss
+        _, parts = D.compute_loss(out, targets, cfg)
+        assert parts["routing"] == pytest.approx(expected, rel=1e-5)
+    _, parts = D.compute_loss(full, targets, tiny_cfg(False))
+    assert parts["routing"] == pytest.approx(exact, rel=1e-5)
+
+
+def test_use_compile_matches_eager_and_compiles_the_step_once():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    cfg = tiny_cfg(True, use_compile=True)
+    compiled = D.build_model(cfg, True)
+    eager = D.build_model(tiny_cfg(True), True)
+    assert compiled.memory.step is not D.dnc_step
+    ids = random_ids(cfg, length=cfg.seq_len + 1)
+    graphs = []
+    for _ in range(3):
+        outs = [model(ids[:, :-1]) for model in (eager, compiled)]
+        losses = [D.compute_loss(out, ids[:, 1:], cfg)[0] for out in outs]
+        for loss in losses:
+            loss.backward()
+        assert torch.allclose(outs[0].logits, outs[1].logits, atol=1e-5)
+        for p, q in zip(eager.parameters(), compiled.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # the first token's state needs no gradient, the others do: two graphs, then none new
+    assert graphs[0] >= 1 and graphs[1] == graphs[2] == graphs[0], graphs

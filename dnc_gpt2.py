@@ -558,7 +558,7 @@ def content_weights(memory, keys, strengths):
 
 def update_usage(usage, write_weights, read_weights, free_gates):
     """ψ = Π_i (1 − f_i w^r_i);  u_t = (u + w^w − u ∘ w^w) ∘ ψ, with w^w and w^r from t − 1."""
-    # a product over the R heads by hand: prod's backward looks for zeros, a sync per step
+    # the product over the R heads by hand: torch.prod's backward searches for zeros
     retention = math.prod((1 - free_gates.unsqueeze(-1) * read_weights).unbind(1))
     return (usage + write_weights - usage * write_weights) * retention
 

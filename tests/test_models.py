@@ -181,9 +181,15 @@ def test_routing_stride_takes_the_routing_loss_on_every_kth_token(stride):
     assert parts["routing"] == pytest.approx(exact, rel=1e-5)
 
 
-def test_use_compile_matches_eager_and_compiles_the_step_once():
+def test_use_compile_matches_eager_and_compiles_the_step_once(monkeypatch):
     from torch._dynamo.utils import counters
 
+    # Recompilation is decided by dynamo's guards, whatever the backend; aot_eager (autograd
+    # traced, no C++ code generation) keeps this test at seconds. bench_speed.py's
+    # train_compiled case runs the default inductor backend.
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
     torch._dynamo.reset()
     cfg = tiny_cfg(True, use_compile=True)
     compiled = D.build_model(cfg, True)

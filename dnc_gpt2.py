@@ -58,6 +58,7 @@ class Config:
     temporal_links: bool = False  # True: link matrix, precedence and read modes of the paper
     carry_memory: bool = False  # DNC state carried from each segment to the next of its row
     bptt_segments: int = 1  # with carry_memory: segments per step that gradients flow through
+    controller_grad: float = 1.0  # scale of the gradient from the DNC interface into GPT-2
     # training
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -217,6 +218,9 @@ def validate_config(cfg):
         (0 <= cfg.lambda_entropy < math.inf, "lambda_entropy",
          f"lambda_entropy={cfg.lambda_entropy} must be a finite number >= 0"),
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
+        (0 <= cfg.controller_grad < math.inf, "controller_grad",
+         f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
+         f"from the memory's interface into GPT-2, 1: all of it)"),
         (cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device), "device",
          f"device={cfg.device!r}: use auto, cpu, cuda or cuda:K"),
         (cfg.num_gpus == "auto" or cfg.num_gpus in ("0", "1", "2"), "num_gpus",
@@ -715,6 +719,7 @@ class GPT2LM(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
         self.use_dnc = use_dnc
         self.routing_stride = cfg.routing_stride
+        self.controller_grad = cfg.controller_grad
         self.amp_dtype = resolve_precision(cfg)
         if use_dnc:
             self.memory = DNCMemory(cfg)
@@ -729,7 +734,8 @@ class GPT2LM(nn.Module):
             h = self.transformer(input_ids=input_ids).last_hidden_state
             if not self.use_dnc:
                 return LMOutput(self.lm_head(h))
-            reads, write_gate, write_weights, state = self.memory.scan(h, memory_state)
+            controller = scale_gradient(h, self.controller_grad)
+            reads, write_gate, write_weights, state = self.memory.scan(controller, memory_state)
             logits = self.lm_head(h + self.read_proj(reads.flatten(-2)))
             # only the routing target and mem_kl use it, without gradient (SPEC); in training
             # only at the positions where the routing loss is taken (routing_stride)
@@ -742,6 +748,21 @@ class GPT2LM(nn.Module):
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
+
+
+def scale_gradient(x, scale):
+    """x in the forward pass; the gradient that flows back through it is multiplied by scale.
+
+    controller_grad: the DNC's interface reads GPT-2's hidden state, and with scale 1 every
+    gradient of the memory path (large and spiky early in training) reaches GPT-2's trunk and
+    shares its global gradient clip. Scale 0 makes GPT-2 a fixed feature extractor for the
+    memory's interface; the reads still train read_proj and GPT-2 through the logits.
+    """
+    if scale == 1:
+        return x
+    if scale == 0:
+        return x.detach()
+    return x.detach() + scale * (x - x.detach())  # exactly x forward: x - x.detach() is 0
 
 
 def build_model(cfg, use_dnc):
@@ -970,7 +991,7 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed", "carry_memory",
-              "bptt_segments", "dataset", "recall_distances")
+              "bptt_segments", "controller_grad", "dataset", "recall_distances")
 
 
 class TrainingError(Exception):

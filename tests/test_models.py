@@ -208,3 +208,25 @@ def test_use_compile_matches_eager_and_compiles_the_step_once(monkeypatch):
         graphs.append(counters["stats"]["unique_graphs"])
     # the first token's state needs no gradient, the others do: two graphs, then none new
     assert graphs[0] >= 1 and graphs[1] == graphs[2] == graphs[0], graphs
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_controller_grad_scales_only_the_gradient_into_gpt2(scale):
+    ids = random_ids(tiny_cfg(False))
+
+    def trunk_grads(cfg):
+        model = D.build_model(cfg, True)
+        out = model(ids)
+        # the write gate depends on GPT-2 only through the memory's interface
+        out.write_gate.sum().backward()
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                 for n, p in model.transformer.named_parameters()}
+        return out, grads, model.memory.interface_proj.weight.grad
+
+    full_out, full, full_iface = trunk_grads(tiny_cfg(False))
+    out, scaled, iface = trunk_grads(tiny_cfg(False, controller_grad=scale))
+    torch.testing.assert_close(out.logits, full_out.logits, rtol=0, atol=0)  # forward unchanged
+    torch.testing.assert_close(iface, full_iface, rtol=1e-6, atol=0)  # the memory's own: all
+    assert max(g.abs().max() for g in full.values()) > 1e-4
+    for name in full:
+        torch.testing.assert_close(scaled[name], scale * full[name], rtol=1e-5, atol=1e-9)

@@ -78,7 +78,9 @@ class Config:
     resume: bool = False
     # data
     dataset: str = "wikitext"  # wikitext | recall (the built-in long-range recall task)
-    recall_distances: str = "96,192,384"  # recall: fact-to-query distances in tokens
+    recall_distances: str = "96,192,384"  # recall: fact-to-query distances of training, valid
+    recall_test_distances: str = ""  # recall: distances of the test split; empty: as above
+    loss_on: str = "all"  # all | answers (recall: the LM loss on the queried code digits only)
     data_dir: str = ""  # wiki.{train,valid,test}.{raw,tokens}; empty: Hugging Face, then generated
     cache_dir: str = ".cache/"  # token ids, keyed by the text's hash
     inspect_tokens: int = 32  # tokens shown in the memory write inspection
@@ -101,11 +103,14 @@ PRESETS = {
     "cpu": dict(hidden_size=256, num_layers=4, num_heads=4, mem_slots=32, mem_width=64,
                 num_reads=2, batch_size=8, seq_len=128, epochs=1, log_every_steps=20,
                 save_every_steps=200),
-    # long-range recall with the DNC state carried across 64-token segments (README, Results)
+    # long-range recall: fresh episodes at every step, the DNC state carried through the
+    # 64-token segments of each episode, loss on the answers (README, Results)
     "recall": dict(dataset="recall", carry_memory=True, hidden_size=128, num_layers=2,
-                   num_heads=4, mem_slots=32, mem_width=32, num_reads=2, batch_size=8,
-                   seq_len=64, epochs=2, log_every_steps=20, save_every_steps=200,
-                   dropout=0.0, inspect_tokens=24),
+                   num_heads=4, mem_slots=32, mem_width=32, num_reads=2, batch_size=16,
+                   seq_len=64, max_steps=2000, log_every_steps=20, save_every_steps=250,
+                   dropout=0.0, inspect_tokens=40, lr=1e-3, loss_on="answers",
+                   lambda_routing=0.0, lambda_entropy=0.0, recall_distances="256",
+                   recall_test_distances="64,128,256,384,512"),
 }
 
 
@@ -239,6 +244,21 @@ def validate_config(cfg):
          and min(int(d) for d in re.findall(r"\d+", cfg.recall_distances)) > 0,
          "recall_distances", f"recall_distances={cfg.recall_distances!r}: use positive token "
          f"counts separated by commas, e.g. 96,192,384"),
+        (cfg.recall_test_distances == "" or re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*",
+                                                          cfg.recall_test_distances),
+         "recall_test_distances", f"recall_test_distances={cfg.recall_test_distances!r}: use "
+         f"positive token counts separated by commas, or leave it empty"),
+        (cfg.dataset != "recall" or cfg.max_steps > 0, "max_steps",
+         "dataset=recall draws fresh episodes at every step and has no epochs: set --max_steps"),
+        (cfg.dataset != "recall" or world_size() == 1, "dataset",
+         "dataset=recall runs in one process (each step backpropagates through whole episodes)"),
+        (cfg.loss_on in ("all", "answers"), "loss_on",
+         f"loss_on={cfg.loss_on!r}: use all or answers"),
+        (cfg.loss_on == "all" or cfg.dataset == "recall", "loss_on",
+         "loss_on=answers needs --dataset=recall (WikiText has no answers)"),
+        (cfg.loss_on == "all" or cfg.lambda_routing == 0, "lambda_routing",
+         "the routing loss needs the prediction at every token; with loss_on=answers set "
+         "--lambda_routing=0"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
          "normalised by log N)"),
         (not (cfg.carry_memory and cfg.use_compile), "use_compile",
@@ -476,42 +496,108 @@ def carried_eval_batches(ids, seq_len, rows):
 
 
 RECALL_CHANCE = 1e-4  # exact match of a 4-digit code guessed uniformly: 1 in 10,000
+# what each token of a recall episode is, for the write gate by token class
+TOKEN_CLASSES = ("filler", "fact name", "fact code", "fact frame", "query", "answer")
+RECALL_EVAL_EPISODES = {"valid": 16, "test": 100}  # per distance; 2 queries each
 
 
-def recall_corpus(tokenizer, distances, seed):
-    """The long-range recall task: token streams per split and the answers to score.
+class Episodes(NamedTuple):
+    """Recall episodes of one length, one per row; the memory starts empty at each."""
+    ids: torch.Tensor  # (n, L + 1) token ids, L a multiple of seq_len
+    answers: torch.Tensor  # (n, L) bool: targets that are digits of a queried code
+    classes: torch.Tensor  # (n, L + 1) index into TOKEN_CLASSES of every token
 
-    An episode states two facts, " The code of <name> is <4 digits> .", then filler text of at
-    least `distance` tokens, then asks " The code of <name> is" and gives the code. Names and
-    codes are drawn afresh for every episode, so the answer can only come from the facts,
-    which lie `distance` tokens back. Answers: split -> list of (distance, token positions).
+
+class RecallTask:
+    """The long-range recall task: episodes built from pre-encoded pieces, from a seed.
+
+    An episode states two facts, " The code of <name> is 4 7 2 9 .", then exactly `distance`
+    tokens of filler prose, then asks " What is the code of <name> ?" for both names, in a
+    random order, each followed by its code. Digits are separate tokens (" 4", " 7", ...), so
+    every code is four tokens of ten possible values, none of which occurs in the filler.
+    Filler before the facts pads each episode to a whole number of seq_len segments, so
+    segments never straddle two episodes. Training draws fresh names and codes at every
+    step from (seed, step); validation and test are fixed sets drawn from their own streams.
     """
-    rng = random.Random(seed)
-    filler = [line for line in generated_corpus(seed)["train"].split("\n")
-              if line.strip() and "=" not in line]
-    first = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
-    last = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
-    streams, answers = {}, {}
-    for split, episodes in (("train", 600), ("valid", 24), ("test", 40)):
-        ids, spans = [], []
-        plan = [rng.choice(distances) for _ in range(episodes)] if split == "train" else \
-            [d for d in distances for _ in range(episodes // len(distances) or 1)]
-        for distance in plan:
-            people = rng.sample([f"{a} {b}" for a in first for b in last], 2)
-            codes = {p: f"{rng.randrange(10_000):04d}" for p in people}
-            for person in people:
-                ids += tokenizer.encode(f" The code of {person} is {codes[person]} .\n")
-            facts_end = len(ids)
-            while len(ids) - facts_end < distance:
-                ids += tokenizer.encode(rng.choice(filler) + "\n")
-            for person in rng.sample(people, 2):
-                ids += tokenizer.encode(f" The code of {person} is")
-                start = len(ids)
-                ids += tokenizer.encode(f" {codes[person]}")
-                spans.append((distance, list(range(start, len(ids)))))
-                ids += tokenizer.encode(" .\n")
-        streams[split], answers[split] = torch.tensor(ids, dtype=torch.int32), spans
-    return streams, answers
+
+    FIRST = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
+    LAST = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
+
+    def __init__(self, tokenizer, seq_len, seed):
+        self.seq_len, self.seed = seq_len, seed
+        lines = [line for line in generated_corpus(seed)["train"].split("\n")
+                 if line.strip() and "=" not in line][:1000]
+        self.filler = [tokenizer.encode(line + "\n") for line in lines]
+        self.names = [tokenizer.encode(f" {a} {b}") for a in self.FIRST for b in self.LAST]
+        self.digits = [tokenizer.encode(f" {d}")[0] for d in range(10)]
+        self.fact_open, self.fact_is = tokenizer.encode(" The code of"), tokenizer.encode(" is")
+        self.query_open = tokenizer.encode(" What is the code of")
+        self.query_mark, self.close = tokenizer.encode(" ?"), tokenizer.encode(" .\n")
+        longest_name = max(map(len, self.names))
+        self.fact_max = len(self.fact_open) + longest_name + len(self.fact_is) + 4 + len(self.close)
+        self.query_max = (len(self.query_open) + longest_name + len(self.query_mark) + 4
+                          + len(self.close))
+
+    def length(self, distance):
+        """L: the episode's inputs, the shortest multiple of seq_len that holds it."""
+        need = 2 * self.fact_max + distance + 2 * self.query_max + 1  # + 1: filler before
+        return self.seq_len * math.ceil(need / self.seq_len)
+
+    def filler_tokens(self, rng, count):
+        tokens = []
+        while len(tokens) < count:
+            tokens += rng.choice(self.filler)
+        return tokens[:count]
+
+    def episode(self, rng, distance):
+        """(ids, classes) lists of L + 1 tokens, and the indices of the queried code digits."""
+        people = rng.sample(range(len(self.names)), 2)
+        codes = {p: [rng.randrange(10) for _ in range(4)] for p in people}
+        body, classes, answers = [], [], []
+
+        def put(tokens, kind):
+            body.extend(tokens)
+            classes.extend([TOKEN_CLASSES.index(kind)] * len(tokens))
+
+        for p in people:
+            put(self.fact_open, "fact frame")
+            put(self.names[p], "fact name")
+            put(self.fact_is, "fact frame")
+            put([self.digits[d] for d in codes[p]], "fact code")
+            put(self.close, "fact frame")
+        put(self.filler_tokens(rng, distance), "filler")
+        for p in rng.sample(people, 2):
+            put(self.query_open + self.names[p] + self.query_mark, "query")
+            answers += range(len(body), len(body) + 4)
+            put([self.digits[d] for d in codes[p]], "answer")
+            put(self.close, "query")
+        pad = self.length(distance) + 1 - len(body)
+        prefix = self.filler_tokens(rng, pad)
+        return (prefix + body, [TOKEN_CLASSES.index("filler")] * pad + classes,
+                [pad + a for a in answers])
+
+    def episodes(self, rng, distance, n):
+        ids, classes, answers = zip(*(self.episode(rng, distance) for _ in range(n)))
+        scored = torch.zeros(n, self.length(distance), dtype=torch.bool)
+        for row, positions in enumerate(answers):
+            scored[row, [a - 1 for a in positions]] = True  # target j is token j + 1
+        return Episodes(torch.tensor(ids), scored, torch.tensor(classes, dtype=torch.int8))
+
+    def train_batch(self, step, rows, distances):
+        """Fresh episodes for one training step: one distance per step, all rows alike."""
+        rng = random.Random(f"recall/{self.seed}/train/{step}")
+        return self.episodes(rng, rng.choice(distances), rows)
+
+    def split(self, name, distances):
+        """The fixed validation or test episodes, {distance: Episodes}."""
+        rng = random.Random(f"recall/{self.seed}/{name}")
+        return {d: self.episodes(rng, d, RECALL_EVAL_EPISODES[name]) for d in distances}
+
+
+def episode_segments(episodes, seq_len):
+    """An episode batch cut into its consecutive segments: (ids (B, T + 1), scored (B, T))."""
+    return [(episodes.ids[:, s:s + seq_len + 1], episodes.answers[:, s:s + seq_len])
+            for s in range(0, episodes.answers.shape[1], seq_len)]
 
 
 def epoch_order(num_windows, seed, epoch):
@@ -728,20 +814,27 @@ class GPT2LM(nn.Module):
                 nn.init.normal_(layer.weight, std=0.02)  # GPT-2's initialisation scale
                 nn.init.zeros_(layer.bias)
 
-    def forward(self, input_ids, memory_state=None):
-        """memory_state: the DNC state to start from (carry_memory); None starts fresh."""
+    def forward(self, input_ids, memory_state=None, scored=None):
+        """memory_state: the DNC state to start from (carry_memory); None starts fresh.
+
+        scored (B, T) bool: compute the logits only at these positions, as (K, V) in row-major
+        order (loss_on=answers); the LM head over 50,257 classes is then nearly free.
+        """
         with self.autocast(input_ids.device):
             h = self.transformer(input_ids=input_ids).last_hidden_state
             if not self.use_dnc:
-                return LMOutput(self.lm_head(h))
+                return LMOutput(self.lm_head(h if scored is None else h[scored]))
             controller = scale_gradient(h, self.controller_grad)
             reads, write_gate, write_weights, state = self.memory.scan(controller, memory_state)
-            logits = self.lm_head(h + self.read_proj(reads.flatten(-2)))
+            x = h + self.read_proj(reads.flatten(-2))
+            if scored is not None:
+                h, x = h[scored], x[scored]
+            logits = self.lm_head(x)
             # only the routing target and mem_kl use it, without gradient (SPEC); in training
             # only at the positions where the routing loss is taken (routing_stride)
-            stride = self.routing_stride if self.training else 1
+            stride = self.routing_stride if self.training and scored is None else 1
             with torch.no_grad():
-                nomem_logits = self.lm_head(h[:, ::stride])
+                nomem_logits = self.lm_head(h[:, ::stride] if scored is None else h)
         return LMOutput(logits, write_gate, write_weights, nomem_logits, state)
 
     def autocast(self, device):
@@ -826,16 +919,22 @@ def entropy_loss(write_weights):
 
 
 def compute_loss(out, targets, cfg):
-    """L = L_LM + λ_r L_routing + λ_e L_entropy; returns the total and its parts as floats."""
+    """L = L_LM + λ_r L_routing + λ_e L_entropy; returns the total and its parts as floats.
+
+    With logits at scored positions only (K, V), targets (K,) and no routing loss: it needs
+    the prediction at every position where a gate is trained.
+    """
     log_probs = F.log_softmax(out.logits.float(), -1)  # shared by the LM loss and the KL
-    lm = F.nll_loss(log_probs.flatten(0, 1), targets.flatten())
+    lm = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1))
     if out.write_gate is None:
         return lm, {"lm": lm.item()}
+    entropy = entropy_loss(out.write_weights)
+    if log_probs.dim() == 2:
+        return lm + cfg.lambda_entropy * entropy, {"lm": lm.item(), "entropy": entropy.item()}
     k, nomem = cfg.routing_stride, out.nomem_logits
     if nomem.shape[1] == out.logits.shape[1]:  # evaluation-mode outputs hold every position
         nomem = nomem[:, ::k]
     routing = routing_loss(out.write_gate[:, ::k], token_kl(log_probs.detach()[:, ::k], nomem))
-    entropy = entropy_loss(out.write_weights)
     total = lm + cfg.lambda_routing * routing + cfg.lambda_entropy * entropy
     return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
 
@@ -961,25 +1060,86 @@ def evaluate(model, batches, carry=False):
     return sums.metrics()
 
 
-@torch.inference_mode()
-def recall_accuracy(model, ids, answers, cfg):
-    """Exact match of the answer digits per fact-query distance (teacher forced, argmax).
+def wilson_interval(successes, trials, z=1.96):
+    """The 95% Wilson score interval of a binomial proportion: sound at 0 and 1 successes."""
+    p, n = successes / trials, trials
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
-    The test stream is read as one row, so that no episode is cut by a row boundary (a cut
-    would leave its query without its facts, and long episodes would be cut more often).
+
+def score_episodes(model, episodes, cfg):
+    """Per answer target of every episode: NLL and argmax hit (n, L); write gate sums by class.
+
+    The memory starts empty at each episode and, with carry_memory, flows through its
+    segments; the LM head runs at the answer positions only.
     """
+    n, length = episodes.answers.shape
+    nll = torch.zeros(n, length, dtype=torch.float64)
+    hit = torch.zeros(n, length, dtype=torch.bool)
+    gate_sums = torch.zeros(2, len(TOKEN_CLASSES), dtype=torch.float64)  # sum of g^w, tokens
+    device = model_device(model)
+    for first in range(0, n, cfg.batch_size):
+        rows = slice(first, first + cfg.batch_size)
+        part = Episodes(*(x[rows] for x in episodes))
+        state = None
+        for start, (ids, mask) in zip(range(0, length, cfg.seq_len),
+                                      episode_segments(part, cfg.seq_len)):
+            if not mask.any() and not (cfg.carry_memory and model.use_dnc):
+                continue  # the baseline carries nothing from a segment without answers
+            extra = {"memory_state": state} if state is not None else {}
+            out = model(ids[:, :-1].to(device), scored=mask.to(device), **extra)
+            state = out.memory_state if cfg.carry_memory else None
+            log_probs = F.log_softmax(out.logits.float(), -1).cpu()
+            targets = ids[:, 1:][mask]
+            block = (rows, slice(start, start + cfg.seq_len))
+            nll[block][mask] = -log_probs.gather(-1, targets.unsqueeze(-1))[:, 0].double()
+            hit[block][mask] = log_probs.argmax(-1) == targets
+            if out.write_gate is not None:
+                classes = part.classes[:, start:start + cfg.seq_len].flatten().long()
+                gate_sums[0].index_add_(0, classes, out.write_gate.flatten().double().cpu())
+                gate_sums[1].index_add_(0, classes, torch.ones_like(classes, dtype=torch.float64))
+    return nll, hit, gate_sums
+
+
+@torch.inference_mode()
+def recall_metrics(model, episodes_by_distance, cfg):
+    """The recall task's metrics: per distance, exact match of the 4-digit code with its
+    Wilson interval and the code's NLL (nats, summed over its 4 digits); over all answers,
+    loss / ppl / top1_acc per digit token (the validation curve); the DNC's mean write gate
+    by token class."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(len(ids), dtype=torch.bool)
-    positions = carried_eval_batches(torch.arange(len(ids)), cfg.seq_len, rows=1)
-    batches = carried_eval_batches(ids, cfg.seq_len, rows=1)
-    for (batch, out), where in zip(carried_outputs(model, batches), positions):
-        correct[where[:, 1:]] = (out.logits.argmax(-1) == batch[:, 1:]).cpu()
+    by_distance, gates = {}, torch.zeros(2, len(TOKEN_CLASSES), dtype=torch.float64)
+    digits_nll, digits_hit, exact_hits, queries = 0.0, 0, 0, 0
+    for distance, episodes in episodes_by_distance.items():
+        nll, hit, gate_sums = score_episodes(model, episodes, cfg)
+        gates += gate_sums
+        per_query = episodes.answers.view(len(episodes.answers), -1).sum(1)[0].item()
+        code_nll = nll[episodes.answers].view(-1, 4).sum(-1)
+        exact = hit[episodes.answers].view(-1, 4).all(-1)
+        low, high = wilson_interval(int(exact.sum()), len(exact))
+        by_distance[distance] = {"exact": exact.float().mean().item(), "low": low, "high": high,
+                                 "answer_nll": code_nll.mean().item(), "queries": len(exact)}
+        assert per_query == 8, per_query  # two queries of four digits per episode
+        digits_nll += nll[episodes.answers].sum().item()
+        digits_hit += int(hit[episodes.answers].sum())
+        exact_hits, queries = exact_hits + int(exact.sum()), queries + len(exact)
     model.train(was_training)
-    by_distance = {}
-    for distance, span in answers:
-        by_distance.setdefault(distance, []).append(bool(correct[span].all()))
-    return {d: (sum(hits) / len(hits), len(hits)) for d, hits in sorted(by_distance.items())}
+    loss = digits_nll / (4 * queries)
+    result = {"loss": loss, "ppl": math.exp(loss), "top1_acc": digits_hit / (4 * queries),
+              "exact": exact_hits / queries, "tokens": 4 * queries, "recall": by_distance}
+    if gates[1].sum() and gates[0].sum():
+        result["gate_by_class"] = {name: (gates[0, i] / gates[1, i]).item()
+                                   for i, name in enumerate(TOKEN_CLASSES) if gates[1, i]}
+    return result
+
+
+def evaluate_split(model, data, cfg):
+    """Validation or test metrics: recall episodes, or a token stream (every metric of SPEC)."""
+    if cfg.dataset == "recall":
+        return recall_metrics(model, data, cfg)
+    return evaluate(model, split_batches(data, cfg), cfg.carry_memory)
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -991,7 +1151,7 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed", "carry_memory",
-              "bptt_segments", "controller_grad", "dataset", "recall_distances")
+              "bptt_segments", "controller_grad", "dataset", "recall_distances", "loss_on")
 
 
 class TrainingError(Exception):
@@ -1201,7 +1361,31 @@ def training_units(train_ids, cfg):
 
 
 def steps_in_epoch(units, cfg):
+    if cfg.dataset == "recall":  # fresh episodes at every step: one endless epoch
+        return cfg.max_steps
     return len(units) // (cfg.bptt_segments if cfg.carry_memory else cfg.batch_size)
+
+
+def distances(text):
+    return [int(d) for d in text.split(",")]
+
+
+def step_batches(units, cfg, step, steps_per_epoch):
+    """The batches of one step and their scored masks (None: every target is scored).
+
+    recall: the consecutive segments of batch_size fresh episodes; the memory starts empty
+    at each step (fresh_memory) and gradients flow through the whole episode.
+    """
+    if cfg.dataset == "recall":
+        episodes = units.train_batch(step, cfg.batch_size, distances(cfg.recall_distances))
+        batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
+        return list(batches), (list(masks) if cfg.loss_on == "answers" else None)
+    return micro_batches(units, cfg, step, steps_per_epoch), None
+
+
+def fresh_memory(cfg, step, steps_per_epoch):
+    """Whether the carried DNC state starts empty at this step: each epoch, each recall step."""
+    return cfg.dataset == "recall" or (step - 1) % steps_per_epoch == 0
 
 
 def micro_batches(units, cfg, step, steps_per_epoch):
@@ -1219,33 +1403,48 @@ def micro_batches(units, cfg, step, steps_per_epoch):
     return [units[part] for part in share.view(cfg.grad_accum_steps, -1)]
 
 
-def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device, state=None):
+def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device, state=None,
+               scored=None):
     """Forward and backward over the micro-batches, then one optimizer step.
 
     Returns the step's sums (all-reduced), the gradient norm and, with carry_memory, the DNC
     state after the last segment, detached: gradients flow through the bptt_segments segments
     of one step (one backward over their summed loss) and stop at its boundary. Each loss is
-    divided by the number of micro-batches, so the gradient is that of the global mean loss.
+    weighted by its share of the step's scored tokens, so the gradient is that of the mean
+    loss over the step. scored: one (B, T) mask per batch, the targets of the LM loss
+    (loss_on=answers); a batch with none adds no loss but still carries the state.
     """
+    scored = scored or [None] * len(batches)
+    counts = [batch[:, 1:].numel() if mask is None else int(mask.sum())
+              for batch, mask in zip(batches, scored)]
     sums, pending = dict.fromkeys(STEP_SUMS, 0.0), 0.0
-    for i, batch in enumerate(batches):
+    carries = cfg.carry_memory and model.use_dnc
+    for i, (batch, mask) in enumerate(zip(batches, scored)):
+        if not counts[i] and not carries:  # nothing to learn from it, no state to pass on
+            continue
         batch = batch.to(device)
+        mask = mask.to(device) if mask is not None else None
+        targets = batch[:, 1:] if mask is None else batch[:, 1:][mask]
         last = i == len(batches) - 1
         sync = runner.no_sync() if distributed() and not last else contextlib.nullcontext()
         with sync:
-            # the state keyword only when there is one: DataParallel pads missing inputs badly
-            state_arg = {"memory_state": state} if state is not None else {}
-            out = runner(batch[:, :-1], **state_arg)
+            # keywords only when given: DataParallel pads missing inputs badly
+            extra = {"memory_state": state} if state is not None else {}
+            extra.update({"scored": mask} if mask is not None else {})
+            out = runner(batch[:, :-1], **extra)
             if cfg.carry_memory:
                 state = out.memory_state
-            loss, parts = compute_loss(out, batch[:, 1:], cfg)
-            pending = pending + loss / len(batches)
-            if last or not cfg.carry_memory:
+            if counts[i]:
+                loss, parts = compute_loss(out, targets, cfg)
+                pending = pending + loss * (counts[i] / sum(counts))
+            if (last or not carries) and torch.is_tensor(pending):
                 scaler.scale(pending).backward()
                 pending = 0.0
-        tokens = batch[:, 1:].numel()
+        if not counts[i]:
+            continue
+        tokens = counts[i]
         sums["tokens"] += tokens
-        sums["correct"] += (out.logits.argmax(-1) == batch[:, 1:]).sum().item()
+        sums["correct"] += (out.logits.argmax(-1) == targets).sum().item()
         sums["total"] += loss.item() * tokens
         for key, value in parts.items():
             sums[key] += value * tokens
@@ -1284,7 +1483,7 @@ def check_finite(name, step, loss, grad_norm, cfg):
                                 f"good checkpoint stays in {cfg.save_dir} (try a lower --lr)")
 
 
-def train_model(cfg, use_dnc, units, valid_ids, device, source, stop):
+def train_model(cfg, use_dnc, units, valid, device, source, stop):
     """Train one model; validate and checkpoint every save_every_steps and at the end."""
     from tqdm import tqdm
 
@@ -1303,11 +1502,11 @@ def train_model(cfg, use_dnc, units, valid_ids, device, source, stop):
               mininterval=1.0, disable=not is_main_process()) as bar:  # closed on errors too
         started, first = time.time(), step
         for step in range(step + 1, total_steps + 1):
-            if (step - 1) % steps_per_epoch == 0:
-                carried = None  # the carried DNC state starts fresh each epoch
-            batches = micro_batches(units, cfg, step, steps_per_epoch)
+            if fresh_memory(cfg, step, steps_per_epoch):
+                carried = None
+            batches, scored = step_batches(units, cfg, step, steps_per_epoch)
             sums, grad_norm, carried = train_step(runner, model, optimizer, scaler, batches, cfg,
-                                                  stop, device, carried)
+                                                  stop, device, carried, scored)
             check_finite(name, step, sums.pop("total") / sums["tokens"],
                          grad_norm if not scaler.is_enabled() else 0.0, cfg)
             stop_requested = sums.pop("stop") > 0
@@ -1321,13 +1520,14 @@ def train_model(cfg, use_dnc, units, valid_ids, device, source, stop):
                             tok_s=f"{tokens_per_s:.0f}")
             final = step == total_steps
             if final or step % cfg.save_every_steps == 0:
-                metrics = evaluate(model, split_batches(valid_ids, cfg), cfg.carry_memory)
+                metrics = evaluate_split(model, valid, cfg)
                 history["val"].append({"step": step, **metrics})
                 path = save_checkpoint(cfg, name, model, optimizer, scaler, step,
                                        steps_per_epoch, history, log, source, device, carried,
                                        final)
+                exact = f", exact {metrics['exact']:.3f}" if "exact" in metrics else ""
                 bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
-                          f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f} -> {path}")
+                          f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f}{exact} -> {path}")
             elif stop_requested:
                 path = save_checkpoint(cfg, name, model, optimizer, scaler, step,
                                        steps_per_epoch, history, log, source, device, carried)
@@ -1340,7 +1540,8 @@ def train_model(cfg, use_dnc, units, valid_ids, device, source, stop):
 # Plotting and reporting
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-PLOT_FILES = ("training_curves.png", "history.json", "memory_writes.png")
+PLOT_FILES = ("training_curves.png", "history.json", "memory_writes.png", "recall.json",
+              "recall.png")
 COLORS = {"GPT2 Baseline": "#4fc3f7", "GPT2 + DNC": "#ffb74d"}
 BAR_SCALE = 30  # characters for a gate of 1.0 in the write inspection
 
@@ -1441,14 +1642,60 @@ def comparison_table(base, dnc, source):
 
 
 def recall_table(base, dnc):
-    """Exact-match accuracy on the recall answers per fact-query distance, with chance."""
-    lines = ["", "  LONG-RANGE RECALL — exact match of the 4-digit code, test split",
-             f"  chance {RECALL_CHANCE:.4f} (1 in 10,000 codes)",
-             f"  {'Distance (tokens)':<22}{'GPT2 Baseline':>16}{'GPT2 + DNC':>17}   queries",
-             "  " + "─" * 62]
-    for distance, (accuracy, queries) in base.items():
-        lines.append(f"  {distance:<22}{accuracy:>16.3f}{dnc[distance][0]:>17.3f}   {queries}")
+    """Exact match of the code per fact-query distance with its 95% interval, the code's NLL,
+    chance, and the DNC's write gate by token class."""
+    lines = ["═" * 78, "  LONG-RANGE RECALL — exact match of the 4-digit code [95% Wilson interval],"
+             " test split", f"  chance {RECALL_CHANCE:.4f} (1 in 10,000 codes); NLL: nats per "
+             f"code (chance {4 * math.log(10):.2f})", "═" * 78,
+             f"  {'distance':>8}  {'GPT2 Baseline':^27}{'GPT2 + DNC':^27}  queries",
+             f"  {'':>8}  {'exact':>18}{'NLL':>8}{'exact':>20}{'NLL':>8}", "  " + "─" * 74]
+    for distance, b in base["recall"].items():
+        d = dnc["recall"][distance]
+        lines.append(f"  {distance:>8}  " + "".join(
+            f"{m['exact']:>7.3f} [{m['low']:.3f},{m['high']:.3f}]{m['answer_nll']:>8.2f}  "
+            for m in (b, d)) + f"{b['queries']:>6}")
+    if "gate_by_class" in dnc:
+        gates = ", ".join(f"{name} {gate:.3f}" for name, gate in dnc["gate_by_class"].items())
+        lines.append(f"  DNC mean write gate by token class: {gates}")
     return "\n".join(lines)
+
+
+def save_recall_json(results, path):
+    """plots/recall.json: the recall table for scripts."""
+    payload = {"chance": RECALL_CHANCE, "distances": {
+        str(d): {name: {k: results[name]["recall"][d][k]
+                        for k in ("exact", "low", "high", "answer_nll", "queries")}
+                 for name in MODEL_NAMES}
+        for d in results[MODEL_NAMES[0]]["recall"]}}
+    if "gate_by_class" in results[MODEL_NAMES[1]]:
+        payload["dnc_gate_by_class"] = results[MODEL_NAMES[1]]["gate_by_class"]
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+
+
+def plot_recall(results, path):
+    """Exact match against distance for both models, with the 95% interval and chance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.style.context("dark_background"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in MODEL_NAMES:
+            rows = results[name]["recall"]
+            x = list(rows)
+            y = [rows[d]["exact"] for d in x]
+            err = [[rows[d]["exact"] - rows[d]["low"] for d in x],
+                   [rows[d]["high"] - rows[d]["exact"] for d in x]]
+            ax.errorbar(x, y, yerr=err, fmt="-o", capsize=4, color=COLORS[name], label=name)
+        ax.axhline(RECALL_CHANCE, ls=":", color="grey", label=f"chance ({RECALL_CHANCE:g})")
+        ax.set_xlabel("fact-to-query distance (tokens)")
+        ax.set_ylabel("exact match of the code")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.2)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        plt.close(fig)
 
 
 def inspection_snippet(tokenizer, valid_ids, length):
@@ -1478,21 +1725,55 @@ def inspect_writes(model, tokenizer, snippet):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 
-def report(cfg, models, histories, results, tokenizer, valid_ids, source):
+def report(cfg, models, histories, results, tokenizer, snippet, source):
     """Rank 0: history, plots, the comparison table and the write inspection."""
     save_history(cfg, histories, source)
     plot_training_curves(histories, Path(cfg.plot_dir) / "training_curves.png")
     print()
-    print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
-    if "recall" in results[MODEL_NAMES[0]]:
-        print(recall_table(results[MODEL_NAMES[0]]["recall"], results[MODEL_NAMES[1]]["recall"]))
-    snippet = inspection_snippet(tokenizer, valid_ids, cfg.inspect_tokens)
+    if cfg.dataset == "recall":
+        print(recall_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]]))
+        save_recall_json(results, Path(cfg.plot_dir) / "recall.json")
+        plot_recall(results, Path(cfg.plot_dir) / "recall.png")
+    else:
+        print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
     table, tokens, gates, weights = inspect_writes(models[MODEL_NAMES[1]], tokenizer, snippet)
     print(f"\n  MEMORY WRITE INSPECTION — GPT2 + DNC on a validation snippet of {source}")
     print(table)
     plot_memory_writes(tokens, gates, weights, Path(cfg.plot_dir) / "memory_writes.png")
     print(f"\nplots: {Path(cfg.plot_dir) / 'training_curves.png'}, "
           f"{Path(cfg.plot_dir) / 'memory_writes.png'}; checkpoints: {cfg.save_dir}")
+
+
+def load_task(cfg, tokenizer):
+    """Training units, validation and test data, the source's name and an inspection snippet.
+
+    wikitext: token streams; recall: the episode generator and {distance: Episodes}.
+    """
+    if cfg.dataset == "recall":
+        task = RecallTask(tokenizer, cfg.seq_len, cfg.seed)
+        valid = task.split("valid", distances(cfg.recall_distances))
+        test = task.split("test", distances(cfg.recall_test_distances or cfg.recall_distances))
+        source = (f"generated long-range recall task (train distances {cfg.recall_distances}, "
+                  f"episodes of {' / '.join(str(task.length(d)) for d in test)} tokens)")
+        first = next(iter(valid.values()))
+        facts = int((first.classes[0] != TOKEN_CLASSES.index("filler")).nonzero()[0])
+        snippet = first.ids[0, max(0, facts - 4):][:cfg.inspect_tokens]
+        if is_main_process():
+            print(f"data: {source}; {RECALL_EVAL_EPISODES['test']} test episodes per distance, "
+                  f"fresh training episodes at every step; device {resolve_device(cfg)}")
+        return task, valid, test, source, snippet
+    streams, source = load_data(cfg, tokenizer)
+    units = training_units(streams["train"], cfg)
+    if steps_in_epoch(units, cfg) < 1:
+        raise ConfigError(f"--batch_size={cfg.batch_size}: the train split of {source} is too "
+                          f"short for one step of {cfg.batch_size} x {cfg.seq_len} tokens; lower "
+                          f"--batch_size or --seq_len")
+    if is_main_process():
+        print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
+              f"{len(streams['valid']):,}, test {len(streams['test']):,}; device "
+              f"{resolve_device(cfg)}, {world_size()} process(es)")
+    snippet = inspection_snippet(tokenizer, streams["valid"], cfg.inspect_tokens)
+    return units, streams["valid"], streams["test"], source, snippet
 
 
 def run(cfg, stop):
@@ -1502,22 +1783,7 @@ def run(cfg, stop):
     if cfg.vocab_size != len(tokenizer):
         raise ConfigError(f"--vocab_size={cfg.vocab_size}: the GPT-2 tokenizer has "
                           f"{len(tokenizer)} tokens; leave vocab_size at {len(tokenizer)}")
-    answers = None
-    if cfg.dataset == "recall":
-        distances = [int(d) for d in cfg.recall_distances.split(",")]
-        streams, answers = recall_corpus(tokenizer, distances, cfg.seed)
-        source = f"generated long-range recall task (distances {cfg.recall_distances} tokens)"
-    else:
-        streams, source = load_data(cfg, tokenizer)
-    units = training_units(streams["train"], cfg)
-    if steps_in_epoch(units, cfg) < 1:
-        raise ConfigError(f"--batch_size={cfg.batch_size}: the train split of {source} is too "
-                          f"short for one step of {cfg.batch_size} x {cfg.seq_len} tokens; lower "
-                          f"--batch_size or --seq_len")
-    if is_main_process():
-        print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
-              f"{len(streams['valid']):,}, test {len(streams['test']):,}; device {device}, "
-              f"{world_size()} process(es)")
+    units, valid, test, source, snippet = load_task(cfg, tokenizer)
     if cfg.resume:  # a bad checkpoint of either model stops the run before any training
         for name in MODEL_NAMES:
             for _, path in list_checkpoints(cfg.save_dir, name)[-1:]:
@@ -1525,16 +1791,12 @@ def run(cfg, stop):
     models, histories, results = {}, {}, {}
     for use_dnc in (False, True):
         name = MODEL_NAMES[use_dnc]
-        models[name], histories[name] = train_model(cfg, use_dnc, units, streams["valid"],
-                                                    device, source, stop)
-        results[name] = evaluate(models[name], split_batches(streams["test"], cfg),
-                                 cfg.carry_memory)
+        models[name], histories[name] = train_model(cfg, use_dnc, units, valid, device, source,
+                                                    stop)
+        results[name] = evaluate_split(models[name], test, cfg)
         results[name]["params"] = count_parameters(models[name])
-        if answers is not None:
-            results[name]["recall"] = recall_accuracy(models[name], streams["test"],
-                                                      answers["test"], cfg)
     if is_main_process():
-        report(cfg, models, histories, results, tokenizer, streams["valid"], source)
+        report(cfg, models, histories, results, tokenizer, snippet, source)
     return results
 
 

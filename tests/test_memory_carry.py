@@ -1,4 +1,4 @@
-"""DNC state carried across segments (carry_memory) and the long-range recall task."""
+"""DNC state carried across segments (carry_memory)."""
 import pytest
 import torch
 
@@ -133,36 +133,3 @@ def test_resuming_mid_epoch_keeps_the_carried_state(tmp_path):
             split["history"]["val"][-1]["loss"], abs=1e-6)
         for key, value in whole["model_state_dict"].items():
             torch.testing.assert_close(split["model_state_dict"][key], value, rtol=0, atol=1e-6)
-
-
-def test_recall_corpus_answers_are_the_codes_beyond_the_window():
-    tokenizer = D.load_tokenizer()
-    streams, answers = D.recall_corpus(tokenizer, [40, 80], seed=3)
-    text = tokenizer.decode(streams["test"].tolist())
-    assert {d for d, _ in answers["test"]} == {40, 80}
-    for distance, span in answers["test"]:
-        code = tokenizer.decode(streams["test"][span].tolist()).strip()
-        assert len(code) == 4 and code.isdigit()
-        fact = " The code of "
-        before = tokenizer.decode(streams["test"][:span[0]].tolist())
-        name = before.rsplit(fact, 1)[1].removesuffix(" is")
-        stated = before.index(f"{fact}{name} is {code} .")  # the fact was given earlier
-        gap = len(tokenizer.encode(before[stated:]))
-        assert gap > distance
-    assert text.count("The code of") == 2 * len(answers["test"])
-
-
-def test_recall_preset_end_to_end_reports_accuracy_per_distance(tmp_path, capsys):
-    args = ["--preset=recall", "--hidden_size=32", "--num_layers=1", "--num_heads=2",
-            "--mem_slots=8", "--mem_width=8", "--max_steps=2", "--save_every_steps=2",
-            "--recall_distances=70,140", f"--save_dir={tmp_path}/ckpt",
-            f"--plot_dir={tmp_path}/plots", f"--cache_dir={tmp_path}/cache"]
-    assert D.main(args) == 0
-    out = capsys.readouterr().out
-    assert "test split · generated long-range recall task (distances 70,140 tokens)" in out
-    section = out.split("LONG-RANGE RECALL")[1].splitlines()
-    assert "chance 0.0001" in section[1]
-    rows = {line.split()[0]: line.split()[1:] for line in section[4:6]}
-    assert set(rows) == {"70", "140"}
-    for base, dnc, queries in rows.values():
-        assert 0 <= float(base) <= 1 and 0 <= float(dnc) <= 1 and int(queries) > 0

@@ -1,0 +1,319 @@
+"""The long-range recall task: episodes, the answer-only loss, the credit path through the
+memory, its metrics, and the memory's ability to learn on its own."""
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dnc_gpt2 as D
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, mem_slots=8, mem_width=6, num_reads=2,
+            seq_len=8, vocab_size=97, dropout=0.0, carry_memory=True, batch_size=2,
+            lambda_routing=0.0, dataset="recall", loss_on="answers", max_steps=1)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return D.RecallTask(D.load_tokenizer(), 64, seed=5)
+
+
+# ─── episodes ─────────────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("distance", [16, 100, 256])
+def test_episode_states_two_facts_then_asks_for_them_after_exactly_the_distance(task, distance):
+    tokenizer = D.load_tokenizer()
+    episodes = task.episodes(random.Random(distance), distance, 6)
+    n, length = episodes.answers.shape
+    assert length % 64 == 0 and length == task.length(distance)
+    assert episodes.ids.shape == (n, length + 1) and episodes.classes.shape == (n, length + 1)
+    classes = {name: i for i, name in enumerate(D.TOKEN_CLASSES)}
+    for row in range(n):
+        ids, kinds = episodes.ids[row].tolist(), episodes.classes[row].tolist()
+        answer_at = [j + 1 for j in episodes.answers[row].nonzero()[:, 0].tolist()]
+        assert len(answer_at) == 8 and all(kinds[j] == classes["answer"] for j in answer_at)
+        fact_code = [j for j, k in enumerate(kinds) if k == classes["fact code"]]
+        assert len(fact_code) == 8
+        # the facts, as text, give each queried name its code
+        text = tokenizer.decode(ids)
+        for first in (answer_at[0], answer_at[4]):
+            code = tokenizer.decode(ids[first:first + 4])
+            query = tokenizer.decode(ids[:first])
+            name = query.rsplit(" What is the code of ", 1)[1].removesuffix(" ?")
+            assert f" The code of {name} is{code} .\n" in text
+            assert len(code.split()) == 4 and all(len(d) == 1 for d in code.split())
+        # exactly `distance` filler tokens between the last fact and the first query
+        last_fact = max(j for j, k in enumerate(kinds) if k in (classes["fact code"],
+                                                                 classes["fact frame"]))
+        first_query = min(j for j, k in enumerate(kinds) if k == classes["query"])
+        assert first_query - last_fact - 1 == distance
+        assert all(kinds[j] == classes["filler"] for j in range(last_fact + 1, first_query))
+        # the code digits are tokens that no filler token shares
+        digits = set(task.digits)
+        assert not digits & {ids[j] for j, k in enumerate(kinds) if k == classes["filler"]}
+
+
+def test_training_draws_fresh_episodes_each_step_reproducibly(task):
+    a, b, again = (task.train_batch(step, 4, [64, 128]) for step in (1, 2, 1))
+    assert torch.equal(a.ids, again.ids)  # a resumed run sees the same episodes
+    assert a.ids.shape != b.ids.shape or not torch.equal(a.ids, b.ids)
+    valid, test = task.split("valid", [64]), task.split("test", [64])
+    assert len(test[64].ids) == D.RECALL_EVAL_EPISODES["test"]
+    assert not any(torch.equal(v, t) for v in valid[64].ids for t in test[64].ids[:16])
+
+
+def test_segments_of_an_episode_follow_each_other(task):
+    episodes = task.episodes(random.Random(0), 128, 3)
+    segments = D.episode_segments(episodes, 64)
+    assert len(segments) == episodes.answers.shape[1] // 64
+    for (a, _), (b, _) in zip(segments, segments[1:]):
+        assert torch.equal(a[:, -1], b[:, 0])
+    assert torch.equal(torch.cat([m for _, m in segments], 1), episodes.answers)
+
+
+# ─── the answer-only loss ─────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("use_dnc", [False, True])
+def test_answer_loss_is_the_nll_of_the_scored_targets_of_the_full_logits(use_dnc):
+    cfg = D.Config(**TINY)
+    model = D.build_model(cfg, use_dnc).eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, [2, 5]] = mask[1, 7] = True
+    with torch.no_grad():
+        full = model(ids[:, :-1]).logits
+        part = model(ids[:, :-1], scored=mask)
+        loss, parts = D.compute_loss(part, ids[:, 1:][mask], cfg)
+    assert part.logits.shape == (3, 97)
+    by_hand = [-torch.log_softmax(full[r, t], -1)[ids[r, t + 1]] for r, t in ((0, 2), (0, 5),
+                                                                               (1, 7))]
+    assert parts["lm"] == pytest.approx(float(sum(by_hand) / 3), rel=1e-5)
+
+
+def test_train_step_weights_segments_by_their_scored_targets():
+    cfg = D.Config(**TINY)
+    model = D.build_model(cfg, True)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 97, (2, 9), generator=gen) for _ in range(3)]
+    batches[1][:, 0], batches[2][:, 0] = batches[0][:, -1], batches[1][:, -1]
+    masks = [torch.zeros(2, 8, dtype=torch.bool) for _ in range(3)]
+    masks[1][0, 3] = True
+    masks[2][:, 4:7] = True
+    with torch.no_grad():
+        nll, state = [], None
+        for batch, mask in zip(batches, masks):
+            out = model(batch[:, :-1], memory_state=state)
+            state = out.memory_state
+            log_p = torch.log_softmax(out.logits, -1)
+            nll += (-log_p[mask].gather(-1, batch[:, 1:][mask].unsqueeze(-1))).flatten().tolist()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    sums, _, _ = D.train_step(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                              batches, cfg, D.StopFlag(), torch.device("cpu"), scored=masks)
+    assert sums["tokens"] == 7
+    assert sums["lm"] / sums["tokens"] == pytest.approx(sum(nll) / 7, rel=1e-5)
+
+
+# ─── the credit path ──────────────────────────────────────────────────────────────────────
+
+def record_interfaces(model):
+    """Keep every interface the memory computes, with its gradient."""
+    calls, interface = [], model.memory.interface
+
+    def recording(h):
+        iface = interface(h)
+        for value in iface:
+            if value is not None:
+                value.retain_grad()
+        calls.append(iface)
+        return iface
+
+    model.memory.interface = recording
+    return calls
+
+
+def three_segments(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 97, (2, 9), generator=gen) for _ in range(3)]
+    masks = [torch.zeros(2, 8, dtype=torch.bool) for _ in range(3)]
+    masks[2][:, -2:] = True  # answers in the last segment only
+    return batches, masks
+
+
+@pytest.mark.parametrize("links", [False, True])
+def test_answer_loss_reaches_the_writes_of_earlier_segments_of_its_step(links):
+    cfg = D.Config(**TINY, temporal_links=links)
+    model = D.build_model(cfg, True)
+    calls = record_interfaces(model)
+    batches, masks = three_segments(2)
+    D.train_step(model, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                 torch.amp.GradScaler("cpu", enabled=False), batches, cfg, D.StopFlag(),
+                 torch.device("cpu"), scored=masks)
+    assert len(calls) == 3
+    for field in ("write_vector", "write_gate", "write_key", "erase_vector"):
+        grad = getattr(calls[0], field).grad  # segment 1: no loss of its own
+        assert grad is not None and grad.abs().max() > 0, field
+    # and at its first token, 2 segments and 15 tokens before the first answer (the memory is
+    # empty then, so only what is written and how much can matter, not where or what is erased)
+    for field in ("write_vector", "write_gate"):
+        assert getattr(calls[0], field).grad[:, 0].abs().max() > 0, field
+
+
+def test_no_gradient_crosses_an_optimizer_step():
+    cfg = D.Config(**TINY)
+    model = D.build_model(cfg, True)
+    calls = record_interfaces(model)
+    batches, masks = three_segments(3)
+    masks[0][:, -1] = True  # step 1 has a loss of its own
+    args = (torch.optim.SGD(model.parameters(), lr=0.0), torch.amp.GradScaler("cpu", enabled=False))
+    _, _, state = D.train_step(model, model, *args, batches[:1], cfg, D.StopFlag(),
+                               torch.device("cpu"), scored=masks[:1])
+    before = calls[0].write_vector.grad.clone()
+    D.train_step(model, model, *args, batches[1:], cfg, D.StopFlag(), torch.device("cpu"),
+                 state=state, scored=masks[1:])
+    assert len(calls) == 3
+    assert calls[1].write_vector.grad.abs().max() > 0  # step 2 reaches its own writes
+    torch.testing.assert_close(calls[0].write_vector.grad, before, rtol=0, atol=0)
+
+
+# ─── metrics ──────────────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("successes, trials", [(0, 200), (200, 200), (37, 200), (1, 7)])
+def test_wilson_interval(successes, trials):
+    z = 1.96
+    low, high = D.wilson_interval(successes, trials)
+    # the interval's ends are the roots in p of (p̂ − p)² = z² p (1 − p) / n
+    p_hat = successes / trials
+    for end in (low, high):
+        if 0 < end < 1:
+            assert (p_hat - end) ** 2 == pytest.approx(z * z * end * (1 - end) / trials, rel=1e-9)
+    if successes == 0:
+        assert low == 0 and high == pytest.approx(z * z / (trials + z * z))
+    if successes == trials:
+        assert high == 1 and low == pytest.approx(trials / (trials + z * z))
+    assert low <= p_hat <= high
+
+
+class Oracle(nn.Module):
+    """Predicts ids[t + shift] at input position t of the episode it recognises."""
+
+    def __init__(self, episodes, seq_len, shift):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.use_dnc, self.episodes, self.seq_len, self.shift = False, episodes, seq_len, shift
+
+    def forward(self, input_ids, memory_state=None, scored=None):
+        rows = []
+        for inputs in input_ids:
+            for ids in F.pad(self.episodes.ids, (0, self.shift)):
+                for start in range(0, len(ids) - 1, self.seq_len):
+                    if torch.equal(ids[start:start + len(inputs)], inputs):
+                        rows.append(ids[start + self.shift:start + self.shift + len(inputs)])
+        assert len(rows) == len(input_ids)
+        logits = F.one_hot(torch.stack(rows), 50257).float() * 40
+        return D.LMOutput(logits[scored] if scored is not None else logits)
+
+
+@pytest.mark.parametrize("shift, exact", [(1, 1.0), (2, 0.0), (0, 0.0)])
+def test_recall_metrics_score_the_true_next_token_and_only_it(task, shift, exact):
+    cfg = D.Config(seq_len=64, batch_size=4, carry_memory=True)
+    episodes = task.episodes(random.Random(7), 70, 5)
+    metrics = D.recall_metrics(Oracle(episodes, 64, shift), {70: episodes}, cfg)
+    assert metrics["recall"][70]["exact"] == exact and metrics["recall"][70]["queries"] == 10
+    if exact:
+        assert metrics["recall"][70]["answer_nll"] == pytest.approx(0, abs=1e-6)
+        assert metrics["recall"][70]["low"] > 0.65
+
+
+# ─── the memory on its own ────────────────────────────────────────────────────────────────
+
+def carry_task_accuracy(detach_state, steps=200, seed=0):
+    """A feed-forward controller (it holds nothing from one token to the next) with DNCMemory:
+    read a value at t = 0, then 12 distractors of the same kind, then answer the value. With 4
+    slots, the memory keeps the value only if it learns not to write the distractors."""
+    values, gap, batch = 4, 12, 32
+    torch.manual_seed(seed)
+    cfg = D.Config(hidden_size=16, mem_slots=4, mem_width=8, num_reads=1)
+    embed, role = nn.Embedding(values + 1, 16), nn.Embedding(3, 16)
+    controller = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+    memory, head = D.DNCMemory(cfg), nn.Linear(8 + 16, values)
+    if detach_state:
+        def detached_step(state, iface):
+            read, new = D.dnc_step(state, iface)
+            return read, D.DNCState(*(x.detach() if x is not None else None for x in new))
+        memory.step = detached_step
+    modules = nn.ModuleList([embed, role, controller, memory, head])
+    optimizer = torch.optim.Adam(modules.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+
+    def episode(n):
+        value = torch.randint(0, values, (n,), generator=gen)
+        tokens = torch.cat([value[:, None], torch.randint(0, values, (n, gap), generator=gen),
+                            torch.full((n, 1), values)], 1)
+        roles = torch.zeros_like(tokens)
+        roles[:, 0], roles[:, -1] = 1, 2  # store, distractor, ask
+        h = controller(embed(tokens) + role(roles))
+        reads = memory(h)[0]
+        return head(torch.cat([reads[:, -1].flatten(-2), h[:, -1]], -1)), value
+
+    for _ in range(steps):
+        logits, value = episode(batch)
+        optimizer.zero_grad()
+        F.cross_entropy(logits, value).backward()
+        optimizer.step()
+    with torch.no_grad():
+        logits, value = episode(512)
+    return (logits.argmax(-1) == value).float().mean().item()
+
+
+def test_the_memory_alone_learns_to_carry_a_value_past_distractors():
+    assert carry_task_accuracy(detach_state=False) > 0.95
+    # the control: without gradients through the state it cannot learn what to keep
+    assert carry_task_accuracy(detach_state=True) < 0.6
+
+
+# ─── end to end ───────────────────────────────────────────────────────────────────────────
+
+def test_recall_preset_end_to_end_writes_the_table_json_and_plot(tmp_path, capsys):
+    args = ["--preset=recall", "--hidden_size=32", "--num_layers=1", "--num_heads=2",
+            "--mem_slots=8", "--mem_width=8", "--max_steps=2", "--save_every_steps=2",
+            "--batch_size=4", "--recall_distances=70", "--recall_test_distances=20,70",
+            f"--save_dir={tmp_path}/ckpt", f"--plot_dir={tmp_path}/plots",
+            f"--cache_dir={tmp_path}/cache"]
+    assert D.main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "plots" / "recall.json").read_text())
+    assert (tmp_path / "plots" / "recall.png").stat().st_size > 0
+    assert report["chance"] == 1e-4 and set(report["distances"]) == {"20", "70"}
+    lines = out.split("LONG-RANGE RECALL")[1].splitlines()
+    for distance, row in report["distances"].items():
+        for name in D.MODEL_NAMES:
+            m = row[name]
+            assert m["queries"] == 2 * D.RECALL_EVAL_EPISODES["test"]
+            assert m["low"] <= m["exact"] <= m["high"]
+            assert m["answer_nll"] > 0
+        printed = next(line.split() for line in lines if line.split()[:1] == [distance])
+        assert float(printed[1]) == pytest.approx(row["GPT2 Baseline"]["exact"], abs=5e-4)
+        assert float(printed[3]) == pytest.approx(row["GPT2 Baseline"]["answer_nll"], abs=5e-3)
+        assert float(printed[4]) == pytest.approx(row["GPT2 + DNC"]["exact"], abs=5e-4)
+        assert float(printed[6]) == pytest.approx(row["GPT2 + DNC"]["answer_nll"], abs=5e-3)
+    gates = report["dnc_gate_by_class"]
+    assert set(gates) == set(D.TOKEN_CLASSES) and all(0 < g < 1 for g in gates.values())
+    # resuming a finished run changes nothing and refuses nothing
+    assert D.main([*args, "--resume=true"]) == 0
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--loss_on=answers", "--lambda_routing=0"], "loss_on"),
+    (["--dataset=recall", "--loss_on=answers", "--max_steps=5"], "lambda_routing"),
+    (["--dataset=recall", "--max_steps=0"], "max_steps"),
+    (["--loss_on=nope"], "loss_on"),
+    (["--recall_test_distances=0,5"], "recall_test_distances"),
+    (["--controller_grad=-1"], "controller_grad"),
+])
+def test_bad_recall_options_exit_2_with_one_line(args, field, tmp_path, capsys):
+    assert D.main([*args, f"--save_dir={tmp_path}/c", f"--plot_dir={tmp_path}/p"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--{field}" in err

@@ -59,6 +59,7 @@ class Config:
     carry_memory: bool = False  # DNC state carried from each segment to the next of its row
     bptt_segments: int = 1  # with carry_memory: segments per step that gradients flow through
     controller_grad: float = 1.0  # scale of the gradient from the DNC interface into GPT-2
+    zero_read_proj: bool = False  # True: read_proj starts at 0, the DNC model = baseline at step 0
     # training
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -81,6 +82,7 @@ class Config:
     recall_distances: str = "96,192,384"  # recall: fact-to-query distances of training, valid
     recall_test_distances: str = ""  # recall: distances of the test split; empty: as above
     loss_on: str = "all"  # all | answers (recall: the LM loss on the queried code digits only)
+    curriculum_steps: int = 0  # recall: unlock recall_distances one by one over these steps
     data_dir: str = ""  # wiki.{train,valid,test}.{raw,tokens}; empty: Hugging Face, then generated
     cache_dir: str = ".cache/"  # token ids, keyed by the text's hash
     inspect_tokens: int = 32  # tokens shown in the memory write inspection
@@ -214,6 +216,8 @@ def validate_config(cfg):
         (cfg.seq_len <= cfg.n_positions, "seq_len",
          f"seq_len={cfg.seq_len} exceeds the model's n_positions={cfg.n_positions}"),
         (cfg.max_steps >= 0, "max_steps", "max_steps must be >= 0 (0 = use epochs)"),
+        (cfg.curriculum_steps >= 0, "curriculum_steps",
+         "curriculum_steps must be >= 0 (0 = every distance from the first step)"),
         (cfg.epochs > 0 or cfg.max_steps > 0, "epochs",
          f"epochs={cfg.epochs} must be positive when max_steps is 0"),
         (cfg.lr > 0 and math.isfinite(cfg.lr), "lr", f"lr={cfg.lr} must be a positive number"),
@@ -813,6 +817,8 @@ class GPT2LM(nn.Module):
             for layer in (self.memory.interface_proj, self.read_proj):
                 nn.init.normal_(layer.weight, std=0.02)  # GPT-2's initialisation scale
                 nn.init.zeros_(layer.bias)
+            if cfg.zero_read_proj:  # as adapters start: the memory must earn its contribution
+                nn.init.zeros_(self.read_proj.weight)
 
     def forward(self, input_ids, memory_state=None, scored=None):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
@@ -1151,7 +1157,8 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed", "carry_memory",
-              "bptt_segments", "controller_grad", "dataset", "recall_distances", "loss_on")
+              "bptt_segments", "controller_grad", "zero_read_proj", "dataset", "recall_distances", "loss_on",
+              "curriculum_steps")
 
 
 class TrainingError(Exception):
@@ -1377,10 +1384,20 @@ def step_batches(units, cfg, step, steps_per_epoch):
     at each step (fresh_memory) and gradients flow through the whole episode.
     """
     if cfg.dataset == "recall":
-        episodes = units.train_batch(step, cfg.batch_size, distances(cfg.recall_distances))
+        episodes = units.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step))
         batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
         return list(batches), (list(masks) if cfg.loss_on == "answers" else None)
     return micro_batches(units, cfg, step, steps_per_epoch), None
+
+
+def unlocked_distances(cfg, step):
+    """The curriculum: recall_distances in the order given, the k-th of n unlocked at step
+    (k - 1) / n * curriculum_steps; each step draws one of the unlocked ones uniformly."""
+    listed = distances(cfg.recall_distances)
+    if cfg.curriculum_steps == 0:
+        return listed
+    unlocked = 1 + (step - 1) * len(listed) // cfg.curriculum_steps
+    return listed[:min(unlocked, len(listed))]
 
 
 def fresh_memory(cfg, step, steps_per_epoch):

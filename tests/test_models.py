@@ -230,3 +230,15 @@ def test_controller_grad_scales_only_the_gradient_into_gpt2(scale):
     assert max(g.abs().max() for g in full.values()) > 1e-4
     for name in full:
         torch.testing.assert_close(scaled[name], scale * full[name], rtol=1e-5, atol=1e-9)
+
+
+def test_zero_read_proj_makes_the_dnc_model_the_baseline_at_step_0_and_then_learns():
+    cfg = tiny_cfg(False, zero_read_proj=True)
+    base, dnc = D.build_model(cfg, False), D.build_model(cfg, True)
+    ids = random_ids(cfg, length=cfg.seq_len + 1)
+    out = dnc(ids[:, :-1])
+    torch.testing.assert_close(out.logits, base(ids[:, :-1]).logits, rtol=0, atol=0)
+    D.compute_loss(out, ids[:, 1:], cfg)[0].backward()
+    assert dnc.read_proj.weight.grad.abs().max() > 0  # the read path can grow from zero
+    default = D.build_model(tiny_cfg(False), True)
+    assert default.read_proj.weight.abs().max() > 0

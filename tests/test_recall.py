@@ -317,3 +317,11 @@ def test_bad_recall_options_exit_2_with_one_line(args, field, tmp_path, capsys):
     assert D.main([*args, f"--save_dir={tmp_path}/c", f"--plot_dir={tmp_path}/p"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--{field}" in err
+
+
+def test_curriculum_unlocks_the_distances_in_order():
+    cfg = D.Config(**{**TINY, "recall_distances": "32,64,128,256", "curriculum_steps": 100})
+    assert [D.unlocked_distances(cfg, s) for s in (1, 25, 26, 51, 76, 100, 500)] == [
+        [32], [32], [32, 64], [32, 64, 128], [32, 64, 128, 256], [32, 64, 128, 256],
+        [32, 64, 128, 256]]
+    assert D.unlocked_distances(D.Config(**TINY, recall_distances="32,64"), 1) == [32, 64]

@@ -58,7 +58,7 @@ class Config:
     temporal_links: bool = False  # True: link matrix, precedence and read modes of the paper
     carry_memory: bool = False  # DNC state carried from each segment to the next of its row
     bptt_segments: int = 1  # with carry_memory: segments per step that gradients flow through
-    controller_grad: float = 1.0  # scale of the gradient from the DNC interface into GPT-2
+    controller_grad: float = 0.0  # scale of the gradient from the DNC interface into GPT-2
     zero_read_proj: bool = False  # True: read_proj starts at 0, the DNC model = baseline at step 0
     # training
     epochs: int = 1
@@ -112,6 +112,7 @@ PRESETS = {
                    seq_len=64, max_steps=2000, log_every_steps=20, save_every_steps=250,
                    dropout=0.0, inspect_tokens=40, lr=1e-3, loss_on="answers",
                    lambda_routing=0.0, lambda_entropy=0.0, recall_distances="256",
+                   controller_grad=1.0,  # the lookup's keys must be shaped by the answers
                    recall_test_distances="64,128,256,384,512"),
 }
 

@@ -223,7 +223,7 @@ def test_controller_grad_scales_only_the_gradient_into_gpt2(scale):
                  for n, p in model.transformer.named_parameters()}
         return out, grads, model.memory.interface_proj.weight.grad
 
-    full_out, full, full_iface = trunk_grads(tiny_cfg(False))
+    full_out, full, full_iface = trunk_grads(tiny_cfg(False, controller_grad=1.0))
     out, scaled, iface = trunk_grads(tiny_cfg(False, controller_grad=scale))
     torch.testing.assert_close(out.logits, full_out.logits, rtol=0, atol=0)  # forward unchanged
     torch.testing.assert_close(iface, full_iface, rtol=1e-6, atol=0)  # the memory's own: all

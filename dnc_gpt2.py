@@ -60,6 +60,7 @@ class Config:
     bptt_segments: int = 1  # with carry_memory: segments per step that gradients flow through
     controller_grad: float = 0.0  # scale of the gradient from the DNC interface into GPT-2
     zero_read_proj: bool = False  # True: read_proj starts at 0, the DNC model = baseline at step 0
+    write_gate_bias: float = 0.0  # initial bias of the write gate's logit: < 0 starts it closed
     # training
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -228,6 +229,8 @@ def validate_config(cfg):
         (0 <= cfg.lambda_entropy < math.inf, "lambda_entropy",
          f"lambda_entropy={cfg.lambda_entropy} must be a finite number >= 0"),
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
+        (math.isfinite(cfg.write_gate_bias), "write_gate_bias",
+         f"write_gate_bias={cfg.write_gate_bias} must be a finite number"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
          f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
          f"from the memory's interface into GPT-2, 1: all of it)"),
@@ -733,6 +736,7 @@ class DNCMemory(nn.Module):
         # k^w, β^w, e, v (3W + 1), f (R), g^a, g^w (2), k^r (RW), β^r (R), π (3R with links)
         sizes = [self.W, 1, self.W, self.W, self.R, 1, 1, self.R * self.W, self.R]
         self.sizes = sizes + ([3 * self.R] if self.links else [])
+        self.write_gate_index = sum(sizes[:6])  # g^w's row of the interface projection
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
         # use_compile compiles one step on its own and keeps the loop over tokens in Python:
         # the compiler then neither unrolls T steps nor recompiles per step (shapes are fixed)
@@ -820,6 +824,10 @@ class GPT2LM(nn.Module):
                 nn.init.zeros_(layer.bias)
             if cfg.zero_read_proj:  # as adapters start: the memory must earn its contribution
                 nn.init.zeros_(self.read_proj.weight)
+            # a closed gate at the start keeps filler from overwriting what few facts there are
+            # before the gate has learnt what to write
+            with torch.no_grad():
+                self.memory.interface_proj.bias[self.memory.write_gate_index] = cfg.write_gate_bias
 
     def forward(self, input_ids, memory_state=None, scored=None):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
@@ -1158,7 +1166,8 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed", "carry_memory",
-              "bptt_segments", "controller_grad", "zero_read_proj", "dataset", "recall_distances", "loss_on",
+              "bptt_segments", "controller_grad", "zero_read_proj",
+              "write_gate_bias", "dataset", "recall_distances", "loss_on",
               "curriculum_steps")
 
 

@@ -242,3 +242,20 @@ def test_zero_read_proj_makes_the_dnc_model_the_baseline_at_step_0_and_then_lear
     assert dnc.read_proj.weight.grad.abs().max() > 0  # the read path can grow from zero
     default = D.build_model(tiny_cfg(False), True)
     assert default.read_proj.weight.abs().max() > 0
+
+
+def test_write_gate_bias_sets_the_initial_write_gate_and_nothing_else():
+    ids = random_ids(tiny_cfg(False))
+    default = D.build_model(tiny_cfg(False), True)
+    closed = D.build_model(tiny_cfg(False, write_gate_bias=-3.0), True)
+    with torch.no_grad():
+        gate, closed_gate = default(ids).write_gate, closed(ids).write_gate
+        iface, closed_iface = (m.memory.interface(m.transformer(ids).last_hidden_state)
+                               for m in (default, closed))
+    # the logit moves by exactly the bias: sigmoid⁻¹(closed) = sigmoid⁻¹(default) − 3
+    torch.testing.assert_close(torch.logit(closed_gate.double()),
+                               torch.logit(gate.double()) - 3.0, rtol=0, atol=1e-4)
+    assert closed_gate.max() < 0.1 < 0.3 < gate.min()
+    for field in D.DNCInterface._fields:
+        if field != "write_gate" and getattr(iface, field) is not None:
+            assert torch.equal(getattr(iface, field), getattr(closed_iface, field)), field

@@ -61,6 +61,7 @@ class Config:
     controller_grad: float = 0.0  # scale of the gradient from the DNC interface into GPT-2
     zero_read_proj: bool = False  # True: read_proj starts at 0, the DNC model = baseline at step 0
     write_gate_bias: float = 0.0  # initial bias of the write gate's logit: < 0 starts it closed
+    read_strength_bias: float = 0.0  # initial bias of β^r's pre-activation: > 0 sharper reads
     # training
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -84,6 +85,7 @@ class Config:
     recall_test_distances: str = ""  # recall: distances of the test split; empty: as above
     loss_on: str = "all"  # all | answers (recall: the LM loss on the queried code digits only)
     curriculum_steps: int = 0  # recall: unlock recall_distances one by one over these steps
+    recall_facts: int = 2  # recall: facts stated (and queried) per episode
     data_dir: str = ""  # wiki.{train,valid,test}.{raw,tokens}; empty: Hugging Face, then generated
     cache_dir: str = ".cache/"  # token ids, keyed by the text's hash
     inspect_tokens: int = 32  # tokens shown in the memory write inspection
@@ -208,7 +210,7 @@ def validate_config(cfg):
     positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
                 "mem_width", "num_reads", "batch_size", "seq_len", "log_every_steps",
                 "save_every_steps", "inspect_tokens", "grad_accum_steps", "bptt_segments",
-                "routing_stride"]
+                "routing_stride", "recall_facts"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be a positive integer")
@@ -231,6 +233,8 @@ def validate_config(cfg):
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.write_gate_bias), "write_gate_bias",
          f"write_gate_bias={cfg.write_gate_bias} must be a finite number"),
+        (math.isfinite(cfg.read_strength_bias), "read_strength_bias",
+         f"read_strength_bias={cfg.read_strength_bias} must be a finite number"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
          f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
          f"from the memory's interface into GPT-2, 1: all of it)"),
@@ -506,7 +510,7 @@ def carried_eval_batches(ids, seq_len, rows):
 RECALL_CHANCE = 1e-4  # exact match of a 4-digit code guessed uniformly: 1 in 10,000
 # what each token of a recall episode is, for the write gate by token class
 TOKEN_CLASSES = ("filler", "fact name", "fact code", "fact frame", "query", "answer")
-RECALL_EVAL_EPISODES = {"valid": 16, "test": 100}  # per distance; 2 queries each
+RECALL_EVAL_EPISODES = {"valid": 16, "test": 100}  # per distance; recall_facts queries each
 
 
 class Episodes(NamedTuple):
@@ -519,8 +523,9 @@ class Episodes(NamedTuple):
 class RecallTask:
     """The long-range recall task: episodes built from pre-encoded pieces, from a seed.
 
-    An episode states two facts, " The code of <name> is 4 7 2 9 .", then exactly `distance`
-    tokens of filler prose, then asks " What is the code of <name> ?" for both names, in a
+    An episode states recall_facts facts (2 by default), " The code of <name> is 4 7 2 9 .",
+    then exactly `distance` tokens of filler prose, then asks " What is the code of <name> ?"
+    for every name, in a
     random order, each followed by its code. Digits are separate tokens (" 4", " 7", ...), so
     every code is four tokens of ten possible values, none of which occurs in the filler.
     Filler before the facts pads each episode to a whole number of seq_len segments, so
@@ -531,8 +536,8 @@ class RecallTask:
     FIRST = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
     LAST = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
 
-    def __init__(self, tokenizer, seq_len, seed):
-        self.seq_len, self.seed = seq_len, seed
+    def __init__(self, tokenizer, seq_len, seed, facts=2):
+        self.seq_len, self.seed, self.facts = seq_len, seed, facts
         lines = [line for line in generated_corpus(seed)["train"].split("\n")
                  if line.strip() and "=" not in line][:1000]
         self.filler = [tokenizer.encode(line + "\n") for line in lines]
@@ -548,7 +553,7 @@ class RecallTask:
 
     def length(self, distance):
         """L: the episode's inputs, the shortest multiple of seq_len that holds it."""
-        need = 2 * self.fact_max + distance + 2 * self.query_max + 1  # + 1: filler before
+        need = self.facts * (self.fact_max + self.query_max) + distance + 1  # + 1: filler
         return self.seq_len * math.ceil(need / self.seq_len)
 
     def filler_tokens(self, rng, count):
@@ -559,7 +564,7 @@ class RecallTask:
 
     def episode(self, rng, distance):
         """(ids, classes) lists of L + 1 tokens, and the indices of the queried code digits."""
-        people = rng.sample(range(len(self.names)), 2)
+        people = rng.sample(range(len(self.names)), self.facts)
         codes = {p: [rng.randrange(10) for _ in range(4)] for p in people}
         body, classes, answers = [], [], []
 
@@ -574,7 +579,7 @@ class RecallTask:
             put([self.digits[d] for d in codes[p]], "fact code")
             put(self.close, "fact frame")
         put(self.filler_tokens(rng, distance), "filler")
-        for p in rng.sample(people, 2):
+        for p in rng.sample(people, self.facts):
             put(self.query_open + self.names[p] + self.query_mark, "query")
             answers += range(len(body), len(body) + 4)
             put([self.digits[d] for d in codes[p]], "answer")
@@ -737,6 +742,7 @@ class DNCMemory(nn.Module):
         sizes = [self.W, 1, self.W, self.W, self.R, 1, 1, self.R * self.W, self.R]
         self.sizes = sizes + ([3 * self.R] if self.links else [])
         self.write_gate_index = sum(sizes[:6])  # g^w's row of the interface projection
+        self.read_strength_slice = slice(sum(sizes[:8]), sum(sizes[:9]))  # β^r's rows
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
         # use_compile compiles one step on its own and keeps the loop over tokens in Python:
         # the compiler then neither unrolls T steps nor recompiles per step (shapes are fixed)
@@ -826,8 +832,13 @@ class GPT2LM(nn.Module):
                 nn.init.zeros_(self.read_proj.weight)
             # a closed gate at the start keeps filler from overwriting what few facts there are
             # before the gate has learnt what to write
+            # β^r = 1 + softplus(x) starts near 1.7: with cosines of random keys near 0 every
+            # read is then a uniform average of the slots, whose gradient barely tells a key
+            # which way to turn; a larger start makes lookups sharp enough to learn from
             with torch.no_grad():
-                self.memory.interface_proj.bias[self.memory.write_gate_index] = cfg.write_gate_bias
+                bias = self.memory.interface_proj.bias
+                bias[self.memory.write_gate_index] = cfg.write_gate_bias
+                bias[self.memory.read_strength_slice] = cfg.read_strength_bias
 
     def forward(self, input_ids, memory_state=None, scored=None):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
@@ -1130,13 +1141,11 @@ def recall_metrics(model, episodes_by_distance, cfg):
     for distance, episodes in episodes_by_distance.items():
         nll, hit, gate_sums = score_episodes(model, episodes, cfg)
         gates += gate_sums
-        per_query = episodes.answers.view(len(episodes.answers), -1).sum(1)[0].item()
         code_nll = nll[episodes.answers].view(-1, 4).sum(-1)
         exact = hit[episodes.answers].view(-1, 4).all(-1)
         low, high = wilson_interval(int(exact.sum()), len(exact))
         by_distance[distance] = {"exact": exact.float().mean().item(), "low": low, "high": high,
                                  "answer_nll": code_nll.mean().item(), "queries": len(exact)}
-        assert per_query == 8, per_query  # two queries of four digits per episode
         digits_nll += nll[episodes.answers].sum().item()
         digits_hit += int(hit[episodes.answers].sum())
         exact_hits, queries = exact_hits + int(exact.sum()), queries + len(exact)
@@ -1167,8 +1176,8 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed", "carry_memory",
               "bptt_segments", "controller_grad", "zero_read_proj",
-              "write_gate_bias", "dataset", "recall_distances", "loss_on",
-              "curriculum_steps")
+              "write_gate_bias", "read_strength_bias", "dataset", "recall_distances", "loss_on",
+              "curriculum_steps", "recall_facts")
 
 
 class TrainingError(Exception):
@@ -1777,7 +1786,7 @@ def load_task(cfg, tokenizer):
     wikitext: token streams; recall: the episode generator and {distance: Episodes}.
     """
     if cfg.dataset == "recall":
-        task = RecallTask(tokenizer, cfg.seq_len, cfg.seed)
+        task = RecallTask(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts)
         valid = task.split("valid", distances(cfg.recall_distances))
         test = task.split("test", distances(cfg.recall_test_distances or cfg.recall_distances))
         source = (f"generated long-range recall task (train distances {cfg.recall_distances}, "

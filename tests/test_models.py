@@ -244,18 +244,18 @@ def test_zero_read_proj_makes_the_dnc_model_the_baseline_at_step_0_and_then_lear
     assert default.read_proj.weight.abs().max() > 0
 
 
-def test_write_gate_bias_sets_the_initial_write_gate_and_nothing_else():
+@pytest.mark.parametrize("option, field, inverse, shift", [
+    ("write_gate_bias", "write_gate", torch.logit, -3.0),
+    ("read_strength_bias", "read_strengths", lambda b: torch.log(torch.expm1(b - 1)), 5.0)])
+def test_interface_bias_options_move_their_field_and_nothing_else(option, field, inverse, shift):
     ids = random_ids(tiny_cfg(False))
-    default = D.build_model(tiny_cfg(False), True)
-    closed = D.build_model(tiny_cfg(False, write_gate_bias=-3.0), True)
+    models = [D.build_model(tiny_cfg(False, **kw), True) for kw in ({}, {option: shift})]
     with torch.no_grad():
-        gate, closed_gate = default(ids).write_gate, closed(ids).write_gate
-        iface, closed_iface = (m.memory.interface(m.transformer(ids).last_hidden_state)
-                               for m in (default, closed))
-    # the logit moves by exactly the bias: sigmoid⁻¹(closed) = sigmoid⁻¹(default) − 3
-    torch.testing.assert_close(torch.logit(closed_gate.double()),
-                               torch.logit(gate.double()) - 3.0, rtol=0, atol=1e-4)
-    assert closed_gate.max() < 0.1 < 0.3 < gate.min()
-    for field in D.DNCInterface._fields:
-        if field != "write_gate" and getattr(iface, field) is not None:
-            assert torch.equal(getattr(iface, field), getattr(closed_iface, field)), field
+        default, moved = (m.memory.interface(m.transformer(ids).last_hidden_state) for m in models)
+    # the pre-activation moves by exactly the bias: inverse(activation) shifts by `shift`
+    torch.testing.assert_close(inverse(getattr(moved, field).double()),
+                               inverse(getattr(default, field).double()) + shift,
+                               rtol=0, atol=1e-4)
+    for other in D.DNCInterface._fields:
+        if other != field and getattr(default, other) is not None:
+            assert torch.equal(getattr(default, other), getattr(moved, other)), other

@@ -821,6 +821,7 @@ class GPT2LM(nn.Module):
         self.use_dnc = use_dnc
         self.routing_stride = cfg.routing_stride
         self.controller_grad = cfg.controller_grad
+        self.lambda_routing = cfg.lambda_routing
         self.amp_dtype = resolve_precision(cfg)
         if use_dnc:
             self.memory = DNCMemory(cfg)
@@ -856,6 +857,8 @@ class GPT2LM(nn.Module):
             if scored is not None:
                 h, x = h[scored], x[scored]
             logits = self.lm_head(x)
+            if self.training and self.lambda_routing == 0:  # no routing loss: no second head
+                return LMOutput(logits, write_gate, write_weights, None, state)
             # only the routing target and mem_kl use it, without gradient (SPEC); in training
             # only at the positions where the routing loss is taken (routing_stride)
             stride = self.routing_stride if self.training and scored is None else 1
@@ -955,7 +958,7 @@ def compute_loss(out, targets, cfg):
     if out.write_gate is None:
         return lm, {"lm": lm.item()}
     entropy = entropy_loss(out.write_weights)
-    if log_probs.dim() == 2:
+    if log_probs.dim() == 2 or out.nomem_logits is None:  # no routing loss (λ_r = 0 in training)
         return lm + cfg.lambda_entropy * entropy, {"lm": lm.item(), "entropy": entropy.item()}
     k, nomem = cfg.routing_stride, out.nomem_logits
     if nomem.shape[1] == out.logits.shape[1]:  # evaluation-mode outputs hold every position

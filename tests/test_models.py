@@ -133,10 +133,15 @@ def test_nomem_logits_is_model_without_read_path(links):
     assert (out.logits - out.nomem_logits).abs().max() > 1e-5
 
 
-def test_default_config_dnc_adds_0p5_to_2p5_million_params():
-    cfg = D.Config()
+@pytest.mark.parametrize("links", [False, True])
+def test_the_dnc_adds_exactly_its_interface_and_read_projection(links):
+    cfg = D.Config(temporal_links=links)
     extra = n_params(D.build_model(cfg, True)) - n_params(D.build_model(cfg, False))
-    assert 0.5e6 <= extra <= 2.5e6, extra
+    H, N, W, R = cfg.hidden_size, cfg.mem_slots, cfg.mem_width, cfg.num_reads
+    # ξ: k^w, β^w, e, v (3W + 1), f (R), g^a, g^w (2), k^r (RW), β^r (R), π (3R with links)
+    interface = 3 * W + 1 + R + 2 + R * W + R + (3 * R if links else 0)
+    assert extra == (H * interface + interface) + (R * W * H + H)
+    assert extra == (1_091_467 if not links else 1_091_467 + 12 * 768 + 12)
 
 
 @LINKS
@@ -259,3 +264,17 @@ def test_interface_bias_options_move_their_field_and_nothing_else(option, field,
     for other in D.DNCInterface._fields:
         if other != field and getattr(default, other) is not None:
             assert torch.equal(getattr(default, other), getattr(moved, other)), other
+
+
+def test_without_a_routing_loss_training_skips_the_no_memory_logits():
+    cfg = tiny_cfg(False, lambda_routing=0.0)
+    model = D.build_model(cfg, True)
+    ids = random_ids(cfg, length=cfg.seq_len + 1)
+    train = model.train()(ids[:, :-1])
+    assert train.nomem_logits is None
+    total, parts = D.compute_loss(train, ids[:, 1:], cfg)
+    assert set(parts) == {"lm", "entropy"}
+    assert total.item() == pytest.approx(parts["lm"] + cfg.lambda_entropy * parts["entropy"])
+    assert model.eval()(ids[:, :-1]).nomem_logits.shape == train.logits.shape  # mem_kl stays
+    with_routing = D.build_model(tiny_cfg(False), True).train()(ids[:, :-1])
+    assert with_routing.nomem_logits is not None

@@ -84,6 +84,7 @@ class Config:
     recall_distances: str = "96,192,384"  # recall: fact-to-query distances of training, valid
     recall_test_distances: str = ""  # recall: distances of the test split; empty: as above
     loss_on: str = "all"  # all | answers (recall: the LM loss on the queried code digits only)
+    context_stride: int = 0  # loss_on=answers: also the LM loss on every k-th target; 0: none
     curriculum_steps: int = 0  # recall: unlock recall_distances one by one over these steps
     recall_facts: int = 2  # recall: facts stated (and queried) per episode
     data_dir: str = ""  # wiki.{train,valid,test}.{raw,tokens}; empty: Hugging Face, then generated
@@ -220,6 +221,11 @@ def validate_config(cfg):
         (cfg.seq_len <= cfg.n_positions, "seq_len",
          f"seq_len={cfg.seq_len} exceeds the model's n_positions={cfg.n_positions}"),
         (cfg.max_steps >= 0, "max_steps", "max_steps must be >= 0 (0 = use epochs)"),
+        (cfg.context_stride >= 0, "context_stride",
+         "context_stride must be >= 0 (0: the LM loss on the answers alone)"),
+        (cfg.context_stride == 0 or cfg.loss_on == "answers", "context_stride",
+         "context_stride adds context targets to loss_on=answers; with loss_on=all every "
+         "target is scored already"),
         (cfg.curriculum_steps >= 0, "curriculum_steps",
          "curriculum_steps must be >= 0 (0 = every distance from the first step)"),
         (cfg.epochs > 0 or cfg.max_steps > 0, "epochs",
@@ -1180,7 +1186,8 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed", "carry_memory",
               "bptt_segments", "controller_grad", "zero_read_proj",
               "write_gate_bias", "read_strength_bias", "dataset", "recall_distances", "loss_on",
-              "curriculum_steps", "recall_facts")
+              "curriculum_steps", "recall_facts",
+              "context_stride")
 
 
 class TrainingError(Exception):
@@ -1408,7 +1415,7 @@ def step_batches(units, cfg, step, steps_per_epoch):
     if cfg.dataset == "recall":
         episodes = units.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step))
         batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
-        return list(batches), (list(masks) if cfg.loss_on == "answers" else None)
+        return list(batches), (scored_targets(masks, cfg) if cfg.loss_on == "answers" else None)
     return micro_batches(units, cfg, step, steps_per_epoch), None
 
 
@@ -1420,6 +1427,20 @@ def unlocked_distances(cfg, step):
         return listed
     unlocked = 1 + (step - 1) * len(listed) // cfg.curriculum_steps
     return listed[:min(unlocked, len(listed))]
+
+
+def scored_targets(answer_masks, cfg):
+    """loss_on=answers: the answers of each segment, and with context_stride k every k-th target.
+
+    The answers alone starve GPT-2: with no loss elsewhere its hidden states collapse to one
+    vector (README, Results), and the memory's interface, a function of them, with them. An LM
+    loss on every k-th target keeps them apart at 1/k of the LM head's cost.
+    """
+    if cfg.context_stride == 0:
+        return list(answer_masks)
+    every_kth = torch.zeros(answer_masks[0].shape[1], dtype=torch.bool)
+    every_kth[cfg.context_stride - 1::cfg.context_stride] = True
+    return [mask | every_kth for mask in answer_masks]
 
 
 def fresh_memory(cfg, step, steps_per_epoch):

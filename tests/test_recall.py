@@ -325,3 +325,18 @@ def test_curriculum_unlocks_the_distances_in_order():
         [32], [32], [32, 64], [32, 64, 128], [32, 64, 128, 256], [32, 64, 128, 256],
         [32, 64, 128, 256]]
     assert D.unlocked_distances(D.Config(**TINY, recall_distances="32,64"), 1) == [32, 64]
+
+
+def test_context_stride_adds_every_kth_target_to_the_answers(task):
+    cfg = D.Config(**{**TINY, "seq_len": 64, "batch_size": 3, "context_stride": 8,
+                      "recall_distances": "64"})
+    batches, masks = D.step_batches(task, cfg, 4, 10)
+    episodes = task.train_batch(4, 3, [64])
+    answers = [m for _, m in D.episode_segments(episodes, 64)]
+    for mask, answer in zip(masks, answers):
+        context = torch.zeros(64, dtype=torch.bool)
+        context[7::8] = True
+        assert torch.equal(mask, answer | context)
+    only = D.step_batches(task, D.Config(**{**TINY, "seq_len": 64, "batch_size": 3,
+                                            "recall_distances": "64"}), 4, 10)[1]
+    assert all(torch.equal(m, a) for m, a in zip(only, answers))

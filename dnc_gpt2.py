@@ -115,6 +115,7 @@ PRESETS = {
                    num_heads=4, mem_slots=32, mem_width=32, num_reads=2, batch_size=16,
                    seq_len=64, max_steps=2000, log_every_steps=20, save_every_steps=250,
                    dropout=0.0, inspect_tokens=40, lr=1e-3, loss_on="answers",
+                   context_stride=8, read_strength_bias=10.0,  # README, Results: E6-E10
                    lambda_routing=0.0, lambda_entropy=0.0, recall_distances="256",
                    controller_grad=1.0,  # the lookup's keys must be shaped by the answers
                    recall_test_distances="64,128,256,384,512"),

@@ -52,21 +52,11 @@ def test_causal_and_per_sequence(use_dnc, links):
 
 
 @LINKS
-def test_gradients_reach_every_parameter(links):
+def test_gradients_reach_every_parameter(links, record_interfaces):
     cfg, model = tiny_model(True, links)
     # One projection may produce the whole interface, so a dead part of it (say, unused free
     # gates) would not show as a zero parameter gradient: record each activated field too.
-    ifaces, interface = [], model.memory.interface
-
-    def recording_interface(h):
-        iface = interface(h)
-        for value in iface:
-            if value is not None:
-                value.retain_grad()
-        ifaces.append(iface)
-        return iface
-
-    model.memory.interface = recording_interface
+    ifaces = record_interfaces(model)
     ids = random_ids(cfg, length=cfg.seq_len + 1)
     total, _ = D.compute_loss(model(ids[:, :-1]), ids[:, 1:], cfg)
     total.backward()

@@ -118,22 +118,6 @@ def test_train_step_weights_segments_by_their_scored_targets():
 
 # ─── the credit path ──────────────────────────────────────────────────────────────────────
 
-def record_interfaces(model):
-    """Keep every interface the memory computes, with its gradient."""
-    calls, interface = [], model.memory.interface
-
-    def recording(h):
-        iface = interface(h)
-        for value in iface:
-            if value is not None:
-                value.retain_grad()
-        calls.append(iface)
-        return iface
-
-    model.memory.interface = recording
-    return calls
-
-
 def three_segments(seed):
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, 97, (2, 9), generator=gen) for _ in range(3)]
@@ -143,7 +127,8 @@ def three_segments(seed):
 
 
 @pytest.mark.parametrize("links", [False, True])
-def test_answer_loss_reaches_the_writes_of_earlier_segments_of_its_step(links):
+def test_answer_loss_reaches_the_writes_of_earlier_segments_of_its_step(links,
+                                                                      record_interfaces):
     cfg = D.Config(**TINY, temporal_links=links)
     model = D.build_model(cfg, True)
     calls = record_interfaces(model)
@@ -161,7 +146,7 @@ def test_answer_loss_reaches_the_writes_of_earlier_segments_of_its_step(links):
         assert getattr(calls[0], field).grad[:, 0].abs().max() > 0, field
 
 
-def test_no_gradient_crosses_an_optimizer_step():
+def test_no_gradient_crosses_an_optimizer_step(record_interfaces):
     cfg = D.Config(**TINY)
     model = D.build_model(cfg, True)
     calls = record_interfaces(model)

@@ -94,7 +94,7 @@ def test_answer_loss_is_the_nll_of_the_scored_targets_of_the_full_logits(use_dnc
 
 
 def test_train_step_weights_segments_by_their_scored_targets():
-    cfg = D.Config(**TINY)
+    cfg = D.Config(**{**TINY, "grad_clip": 1e9})
     model = D.build_model(cfg, True)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 97, (2, 9), generator=gen) for _ in range(3)]
@@ -102,18 +102,22 @@ def test_train_step_weights_segments_by_their_scored_targets():
     masks = [torch.zeros(2, 8, dtype=torch.bool) for _ in range(3)]
     masks[1][0, 3] = True
     masks[2][:, 4:7] = True
-    with torch.no_grad():
-        nll, state = [], None
-        for batch, mask in zip(batches, masks):
-            out = model(batch[:, :-1], memory_state=state)
-            state = out.memory_state
-            log_p = torch.log_softmax(out.logits, -1)
-            nll += (-log_p[mask].gather(-1, batch[:, 1:][mask].unsqueeze(-1))).flatten().tolist()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    nll, state = [], None  # by hand: the mean NLL over the step's 7 scored targets
+    for batch, mask in zip(batches, masks):
+        out = model(batch[:, :-1], memory_state=state)
+        state = out.memory_state
+        log_p = torch.log_softmax(out.logits, -1)
+        nll.append(-log_p[mask].gather(-1, batch[:, 1:][mask].unsqueeze(-1)).flatten())
+    nll = torch.cat(nll)
+    expected_grad, = torch.autograd.grad(nll.mean(), model.read_proj.weight)
+    before = model.read_proj.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is minus the gradient
     sums, _, _ = D.train_step(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                               batches, cfg, D.StopFlag(), torch.device("cpu"), scored=masks)
     assert sums["tokens"] == 7
-    assert sums["lm"] / sums["tokens"] == pytest.approx(sum(nll) / 7, rel=1e-5)
+    assert sums["lm"] / sums["tokens"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    torch.testing.assert_close(before - model.read_proj.weight.detach(), expected_grad,
+                               rtol=1e-4, atol=1e-7)
 
 
 # ─── the credit path ──────────────────────────────────────────────────────────────────────

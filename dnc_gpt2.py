@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import shlex
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,34 +46,37 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
+    """Every setting of a run; FIELD_HELP says what each means (also --help, README)."""
     # model: GPT-2
     hidden_size: int = 768
     num_layers: int = 6
     num_heads: int = 8
-    vocab_size: int = 50257  # GPT-2's BPE; smaller only in unit tests
-    n_positions: int = 1024  # GPT-2's position table
-    dropout: float = 0.1  # GPT-2's residual, embedding and attention dropout
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    dropout: float = 0.1
+    init_from: str = ""
     # model: DNC
-    mem_slots: int = 64  # N
-    mem_width: int = 128  # W
-    num_reads: int = 4  # R
-    temporal_links: bool = False  # True: link matrix, precedence and read modes of the paper
-    carry_memory: bool = False  # DNC state carried from each segment to the next of its row
-    bptt_segments: int = 1  # with carry_memory: segments per step that gradients flow through
-    controller_grad: float = 0.0  # scale of the gradient from the DNC interface into GPT-2
-    zero_read_proj: bool = False  # True: read_proj starts at 0, the DNC model = baseline at step 0
-    write_gate_bias: float = 0.0  # initial bias of the write gate's logit: < 0 starts it closed
-    read_strength_bias: float = 0.0  # initial bias of β^r's pre-activation: > 0 sharper reads
+    mem_slots: int = 64
+    mem_width: int = 128
+    num_reads: int = 4
+    temporal_links: bool = False
+    carry_memory: bool = False
+    bptt_segments: int = 1
+    controller_grad: float = 0.0
+    zero_read_proj: bool = False
+    write_gate_bias: float = 0.0
+    read_strength_bias: float = 0.0
+    memory_layer: int = 0
     # training
     epochs: int = 1
-    max_steps: int = 0  # > 0 overrides epochs
+    max_steps: int = 0
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 3e-4
     grad_clip: float = 1.0
     lambda_routing: float = 0.1
     lambda_entropy: float = 0.05
-    routing_stride: int = 1  # routing loss on every k-th token in training; 1 = all (exact)
+    routing_stride: int = 1
     seed: int = 1337
     # logging and checkpoints
     log_every_steps: int = 50
@@ -79,25 +84,32 @@ class Config:
     save_dir: str = "checkpoints/"
     plot_dir: str = "plots/"
     resume: bool = False
+    tensorboard: bool = False
+    # using finished runs
+    eval_only: bool = False
+    generate: str = ""
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    top_k: int = 200
     # data
-    dataset: str = "wikitext"  # wikitext | recall (the built-in long-range recall task)
-    recall_distances: str = "96,192,384"  # recall: fact-to-query distances of training, valid
-    recall_test_distances: str = ""  # recall: distances of the test split; empty: as above
-    loss_on: str = "all"  # all | answers (recall: the LM loss on the queried code digits only)
-    context_stride: int = 0  # loss_on=answers: also the LM loss on every k-th target; 0: none
-    curriculum_steps: int = 0  # recall: unlock recall_distances one by one over these steps
-    recall_facts: int = 2  # recall: facts stated (and queried) per episode
-    data_dir: str = ""  # wiki.{train,valid,test}.{raw,tokens}; empty: Hugging Face, then generated
-    cache_dir: str = ".cache/"  # token ids, keyed by the text's hash
-    inspect_tokens: int = 32  # tokens shown in the memory write inspection
+    dataset: str = "wikitext"
+    recall_distances: str = "96,192,384"
+    recall_test_distances: str = ""
+    loss_on: str = "all"
+    context_stride: int = 0
+    curriculum_steps: int = 0
+    recall_facts: int = 2
+    data_dir: str = ""
+    cache_dir: str = ".cache/"
+    inspect_tokens: int = 32
     # hardware
-    device: str = "auto"  # auto | cpu | cuda | cuda:K
+    device: str = "auto"
     use_compile: bool = False
     compile_mode: str = "reduce-overhead"
-    num_gpus: str = "auto"  # auto | 0 | 1 | 2: up to 2 GPUs with nn.DataParallel
-    precision: str = "auto"  # auto: bf16 autocast where the GPU has it, else fp16; fp32 on CPU
-    grad_accum_steps: int = 1  # micro-batches per step; batch_size stays the global batch
-    preset: str = ""  # smoke | cpu: applied before the other --key=value overrides
+    num_gpus: str = "auto"
+    precision: str = "auto"
+    grad_accum_steps: int = 1
+    preset: str = ""
 
 
 PRESETS = {
@@ -120,6 +132,142 @@ PRESETS = {
                    controller_grad=1.0,  # the lookup's keys must be shaped by the answers
                    recall_test_distances="64,128,256,384,512"),
 }
+
+FIELD_HELP = {  # the meaning of every Config field: --help and the README table print it
+    "hidden_size": "GPT-2 embedding / hidden width",
+    "num_layers": "transformer layers",
+    "num_heads": "attention heads",
+    "vocab_size": "GPT-2 BPE vocabulary (checked against the tokenizer)",
+    "n_positions": "GPT-2 position table; `seq_len` must not exceed it",
+    "dropout": "GPT-2's residual, embedding and attention dropout",
+    "init_from": (
+        "empty: both models from scratch; else a Hugging Face GPT-2 checkpoint, a directory "
+        "made by `save_pretrained` or a Hub name such as `gpt2` (when the Hub answers): its "
+        "weights start both models, its architecture sets hidden_size, num_layers, num_heads, "
+        "n_positions and vocab_size (a conflicting --field is an error), and `zero_read_proj` "
+        "defaults to True, so the DNC model starts as the baseline"),
+    "mem_slots": "N, memory rows",
+    "mem_width": "W, memory row width",
+    "num_reads": "R, read heads",
+    "temporal_links": (
+        "True: the paper's link matrix, precedence and backward/content/forward read modes"),
+    "carry_memory": (
+        "True: each batch row is one contiguous stream and the DNC state flows from each "
+        "segment to the next"),
+    "bptt_segments": (
+        "with carry_memory: segments per optimizer step that gradients flow through (1 = "
+        "detach at every boundary); the recall task always backpropagates through whole "
+        "episodes"),
+    "controller_grad": (
+        "scale of the gradient that flows from the DNC's interface back into GPT-2's hidden "
+        "state: 1 = all of it, 0 = none (GPT-2 is then a fixed feature extractor for the "
+        "memory's addressing; the reads still train GPT-2 through the logits). 0 by "
+        "measurement on wt2-mini (Results); the `recall` preset sets 1"),
+    "write_gate_bias": (
+        "initial bias of the write gate's logit (g^w = sigmoid(… + bias)); negative starts "
+        "the memory nearly closed, e.g. −3 → g^w ≈ 0.05"),
+    "read_strength_bias": (
+        "initial bias of the read strengths' pre-activation (β^r = 1 + softplus(… + bias)); 0 "
+        "starts β^r near 1.7, 10 near 11 (sharper lookups from the start)"),
+    "zero_read_proj": (
+        "True: `read_proj` starts at zero, so that at step 0 the DNC model computes exactly "
+        "the baseline's logits"),
+    "memory_layer": (
+        "k: the DNC reads GPT-2's hidden state after block k (through its own LayerNorm) and "
+        "adds its read to the residual stream there, so the blocks above attend to what every "
+        "earlier token read; 0 (or num_layers): after the last block, at the LM head, the "
+        "reference design. Below the head there is no read-free prediction, so "
+        "`lambda_routing` must be 0 and `mem_kl` is not reported"),
+    "epochs": "used when max_steps = 0",
+    "max_steps": "> 0 overrides epochs",
+    "batch_size": "sequences per step",
+    "seq_len": "tokens per sequence",
+    "lr": "AdamW learning rate",
+    "grad_clip": "gradient-norm clip",
+    "lambda_routing": "λ_r, weight of the routing loss",
+    "lambda_entropy": "λ_e, weight of the write-entropy loss",
+    "routing_stride": (
+        "training only: the routing loss (and the no-memory logits it needs) on every k-th "
+        "token; 1 = every token, exact. An approximation that saves time (see Performance); "
+        "evaluation and `mem_kl` always use every token"),
+    "seed": "initial weights, data order and dropout",
+    "log_every_steps": "steps between recorded train metrics",
+    "save_every_steps": "steps between validation + checkpoint",
+    "save_dir": "checkpoints",
+    "plot_dir": "plots and `history.json`",
+    "resume": "continue both models from the newest checkpoints in `save_dir`",
+    "tensorboard": (
+        "True: train and validation scalars also go to TensorBoard event files in "
+        "`plot_dir/tb/` (needs `pip install tensorboard`, not in requirements.txt)"),
+    "dataset": "`wikitext`, or `recall`: the built-in long-range recall task",
+    "recall_distances": "recall: fact-to-query distances of training and validation, in tokens",
+    "recall_test_distances": "recall: distances of the test split; empty = recall_distances",
+    "loss_on": (
+        "`all`, or `answers` (recall only): the LM loss on the queried code digits only, with "
+        "the LM head evaluated only there; needs `lambda_routing=0`"),
+    "context_stride": (
+        "with `loss_on=answers`: also the LM loss on every k-th target of each segment (0 = "
+        "the answers alone); keeps GPT-2's hidden states from collapsing (Results) at 1/k of "
+        "the LM head's cost"),
+    "recall_facts": "recall: facts stated, and queried, per episode",
+    "curriculum_steps": (
+        "recall: unlock recall_distances one by one, in the order listed, over this many "
+        "steps (0 = all from the start)"),
+    "eval_only": (
+        "True: no training; the newest FINAL checkpoints of both models in `save_dir` (the "
+        "same checks as resume, except the data source) are evaluated on the test split of "
+        "this run's data, and the tables are printed; nothing is written. With `init_from` "
+        "and no checkpoints, the pretrained model is evaluated as both"),
+    "generate": (
+        "a prompt: both FINAL models (or the pretrained one) continue it side by side, with "
+        "the DNC's write gate per token; the DNC state is carried from segment to segment of "
+        "`seq_len` tokens, as in carried evaluation. Nothing is written"),
+    "max_new_tokens": "generate: tokens to add to the prompt",
+    "temperature": "generate: softmax temperature; 0 = greedy (the most likely token)",
+    "top_k": "generate: sample among the k most likely tokens only; 0 = all",
+    "data_dir": (
+        "local `wiki.{train,valid,test}.raw` or `.tokens`; empty: Hugging Face, then "
+        "generated"),
+    "cache_dir": "token ids, keyed by the hash of the text",
+    "inspect_tokens": "tokens shown in the memory write inspection",
+    "device": "auto, cpu, cuda or cuda:K",
+    "use_compile": "`torch.compile`",
+    "compile_mode": "passed to `torch.compile`",
+    "num_gpus": (
+        "up to 2 GPUs with `nn.DataParallel` (0 or 1: no DataParallel); cannot be combined "
+        "with `use_compile`"),
+    "precision": (
+        "auto: bf16 autocast on GPUs that support it, else fp16 with a GradScaler; always "
+        "fp32 on the CPU; or fp32, bf16, fp16"),
+    "grad_accum_steps": (
+        "micro-batches per step; `batch_size` stays the global batch whatever the number of "
+        "processes"),
+    "preset": "`smoke`, `cpu` or `recall`, applied before the other overrides",
+}
+
+
+def default_text(value):
+    return "(empty)" if value == "" else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_table():
+    """The README's Config table: every field, its default and FIELD_HELP's meaning."""
+    rows = [f"| {f.name} | {default_text(f.default)} | {FIELD_HELP[f.name]} |"
+            for f in dataclasses.fields(Config)]
+    return "\n".join(["| field | default | meaning |", "| --- | --- | --- |", *rows])
+
+
+def usage():
+    """--help: how to call the script, every field, the presets, and a few examples."""
+    lines = ["usage: python dnc_gpt2.py [--key=value ...]   (every key is a Config field)", ""]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  --{f.name}={default_text(f.default)}  ({f.type.__name__})")
+        lines.append(f"      {FIELD_HELP[f.name]}")
+    lines += ["", "presets (applied before the other --key=value arguments):"]
+    lines += [f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+              for name, values in PRESETS.items()]
+    examples = [line.strip() for line in __doc__.splitlines() if "python dnc_gpt2.py" in line]
+    return "\n".join(lines + ["", "examples:", *(f"  {e}" for e in examples)])
 
 
 class ConfigError(Exception):
@@ -154,11 +302,54 @@ def config_from_args(args):
     preset = overrides.get("preset", "")
     if preset and preset not in PRESETS:
         raise ConfigError(f"--preset={preset}: unknown preset; choose one of {sorted(PRESETS)}")
-    return Config(**{**PRESETS.get(preset, {}), **overrides})
+    cfg = Config(**{**PRESETS.get(preset, {}), **overrides})
+    return pretrained_architecture(cfg, overrides) if cfg.init_from else cfg
+
+
+# Config field <- the Hugging Face GPT2Config attribute it must equal under init_from
+PRETRAINED_FIELDS = {"hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
+                     "n_positions": "n_positions", "vocab_size": "vocab_size"}
+
+
+def pretrained_gpt2_config(name_or_dir):
+    """The checkpoint's GPT2Config: from a local directory, else from the Hub if it answers."""
+    from transformers import GPT2Config
+
+    fix = ("give a directory made by save_pretrained, or a Hub name such as gpt2 when online")
+    if not Path(name_or_dir).is_dir() and not hub_reachable():
+        raise ConfigError(f"--init_from={name_or_dir}: no such directory, and the Hugging Face "
+                          f"Hub is unreachable; {fix}")
+    try:
+        hf = GPT2Config.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--init_from={name_or_dir}: no GPT-2 config there "
+                          f"({str(error).splitlines()[0][:120]}); {fix}") from None
+    if hf.model_type != "gpt2" or hf.n_inner not in (None, 4 * hf.n_embd):
+        raise ConfigError(f"--init_from={name_or_dir}: a {hf.model_type} model with "
+                          f"n_inner={hf.n_inner}; only GPT-2 with n_inner = 4 x n_embd is built")
+    return hf
+
+
+def pretrained_architecture(cfg, overrides):
+    """cfg with the checkpoint's architecture; a different value given on the command line is
+    an error, because the weights fix it."""
+    hf = pretrained_gpt2_config(cfg.init_from)
+    architecture = {field: getattr(hf, attr) for field, attr in PRETRAINED_FIELDS.items()}
+    for field, value in architecture.items():
+        if field in overrides and overrides[field] != value:
+            raise ConfigError(f"--{field}={overrides[field]}: --init_from={cfg.init_from} has "
+                              f"{field}={value}; drop --{field}")
+    return dataclasses.replace(cfg, **architecture,
+                               zero_read_proj=overrides.get("zero_read_proj", True))
 
 
 def available_gpus():
     return torch.cuda.device_count()
+
+
+def launched_by_torchrun():
+    """torchrun (and torch.distributed.run) set these; DDP then runs even with one process."""
+    return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def world_size():
@@ -187,7 +378,7 @@ def resolve_num_gpus(cfg):
     """GPUs that nn.DataParallel spreads one process over (1 per process under torchrun)."""
     if resolve_device(cfg).type != "cuda":
         return 0
-    if world_size() > 1 or cfg.device.startswith("cuda:"):
+    if launched_by_torchrun() or cfg.device.startswith("cuda:"):
         return 1
     return min(2, available_gpus()) if cfg.num_gpus == "auto" else int(cfg.num_gpus)
 
@@ -198,6 +389,31 @@ def resolve_precision(cfg):
     if cfg.precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+def hardware_summary(cfg):
+    """One line for the log: where the run computes, in which precision, over what."""
+    device = resolve_device(cfg)
+    parts = [f"device {device}" + (f" ({torch.cuda.get_device_name(device)})"
+                                   if device.type == "cuda" else "")]
+    amp = resolve_precision(cfg)
+    parts.append("fp32" if amp == torch.float32 else f"{str(amp)[6:]} autocast (DNC in fp32)")
+    if distributed():
+        parts.append(f"DDP over {world_size()} process(es) ({dist.get_backend()})")
+    elif resolve_num_gpus(cfg) > 1:
+        parts.append(f"nn.DataParallel over {resolve_num_gpus(cfg)} GPUs")
+    if cfg.use_compile:
+        parts.append(f"torch.compile mode {cfg.compile_mode}")
+    return ", ".join(parts)
+
+
+def can_create_file_in(folder):
+    """Tried, not asked: os.access says yes to root even where no file can be made (/proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def nearest_existing_dir(path):
@@ -212,7 +428,7 @@ def validate_config(cfg):
     positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
                 "mem_width", "num_reads", "batch_size", "seq_len", "log_every_steps",
                 "save_every_steps", "inspect_tokens", "grad_accum_steps", "bptt_segments",
-                "routing_stride", "recall_facts"]
+                "routing_stride", "recall_facts", "max_new_tokens"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be a positive integer")
@@ -229,9 +445,12 @@ def validate_config(cfg):
          "target is scored already"),
         (cfg.curriculum_steps >= 0, "curriculum_steps",
          "curriculum_steps must be >= 0 (0 = every distance from the first step)"),
-        (cfg.epochs > 0 or cfg.max_steps > 0, "epochs",
-         f"epochs={cfg.epochs} must be positive when max_steps is 0"),
+        (cfg.epochs > 0, "epochs", f"epochs={cfg.epochs} must be a positive integer, even "
+         f"where max_steps > 0 overrides it"),
         (cfg.lr > 0 and math.isfinite(cfg.lr), "lr", f"lr={cfg.lr} must be a positive number"),
+        (0 <= cfg.temperature < math.inf, "temperature",
+         f"temperature={cfg.temperature} must be a finite number >= 0 (0 = greedy)"),
+        (cfg.top_k >= 0, "top_k", f"top_k={cfg.top_k} must be >= 0 (0 = every token)"),
         (0 < cfg.grad_clip < math.inf, "grad_clip", f"grad_clip={cfg.grad_clip} must be positive"),
         (0 <= cfg.lambda_routing < math.inf, "lambda_routing",
          f"lambda_routing={cfg.lambda_routing} must be a finite number >= 0"),
@@ -269,8 +488,9 @@ def validate_config(cfg):
          f"positive token counts separated by commas, or leave it empty"),
         (cfg.dataset != "recall" or cfg.max_steps > 0, "max_steps",
          "dataset=recall draws fresh episodes at every step and has no epochs: set --max_steps"),
-        (cfg.dataset != "recall" or world_size() == 1, "dataset",
-         "dataset=recall runs in one process (each step backpropagates through whole episodes)"),
+        (cfg.dataset != "recall" or not launched_by_torchrun(), "dataset",
+         "dataset=recall runs without torchrun (each step backpropagates through whole "
+         "episodes, and DDP takes one backward per forward)"),
         (cfg.loss_on in ("all", "answers"), "loss_on",
          f"loss_on={cfg.loss_on!r}: use all or answers"),
         (cfg.loss_on == "all" or cfg.dataset == "recall", "loss_on",
@@ -278,6 +498,12 @@ def validate_config(cfg):
         (cfg.loss_on == "all" or cfg.lambda_routing == 0, "lambda_routing",
          "the routing loss needs the prediction at every token; with loss_on=answers set "
          "--lambda_routing=0"),
+        (0 <= cfg.memory_layer <= cfg.num_layers, "memory_layer",
+         f"memory_layer={cfg.memory_layer}: use 1..num_layers ({cfg.num_layers}), or 0 for "
+         f"the last"),
+        (memory_below_head(cfg) is False or cfg.lambda_routing == 0, "lambda_routing",
+         f"memory_layer={cfg.memory_layer} < num_layers has no no-memory prediction to route "
+         f"by; set --lambda_routing=0"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
          "normalised by log N)"),
         (not (cfg.carry_memory and cfg.use_compile), "use_compile",
@@ -285,9 +511,10 @@ def validate_config(cfg):
          "as the next segment's inputs); drop one of them"),
         (not cfg.carry_memory or cfg.grad_accum_steps == 1, "grad_accum_steps",
          "carry_memory=true needs grad_accum_steps=1: each row's state flows through its steps"),
-        (not cfg.carry_memory or cfg.bptt_segments == 1 or world_size() == 1, "bptt_segments",
-         "bptt_segments > 1 runs in one process only (DDP takes one backward per forward)"),
-        (world_size() == 1 or cfg.num_gpus in ("auto", "0", "1"), "num_gpus",
+        (not cfg.carry_memory or cfg.bptt_segments == 1 or not launched_by_torchrun(),
+         "bptt_segments", "bptt_segments > 1 runs without torchrun only (DDP takes one backward "
+         "per forward)"),
+        (not launched_by_torchrun() or cfg.num_gpus in ("auto", "0", "1"), "num_gpus",
          f"num_gpus={cfg.num_gpus}: nn.DataParallel cannot run under torchrun (one GPU per "
          f"process); leave --num_gpus=auto"),
     ]
@@ -302,14 +529,20 @@ def validate_config(cfg):
     if cfg.num_gpus not in ("auto", "0") and int(cfg.num_gpus) > available_gpus():
         raise ConfigError(f"--num_gpus={cfg.num_gpus}: this machine has {available_gpus()} CUDA "
                           f"GPU(s); use --num_gpus=auto")
+    if memory_below_head(cfg) and resolve_num_gpus(cfg) > 1:
+        raise ConfigError(f"--memory_layer={cfg.memory_layer}: reads inside GPT-2 are not "
+                          f"supported with nn.DataParallel; set --num_gpus=1 or use torchrun")
     if cfg.use_compile and resolve_num_gpus(cfg) > 1:
         raise ConfigError("--use_compile=true cannot be combined with nn.DataParallel "
                           f"(num_gpus={cfg.num_gpus}); set --num_gpus=1 or --use_compile=false")
     for name in ("save_dir", "plot_dir", "cache_dir"):
         parent = nearest_existing_dir(getattr(cfg, name))
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
+        if not can_create_file_in(parent):
             raise ConfigError(f"--{name}={getattr(cfg, name)}: {parent} is not a writable "
                               f"directory; choose another --{name}")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard=true: the tensorboard package is not installed; "
+                          "pip install tensorboard, or leave --tensorboard=false")
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"--data_dir={cfg.data_dir}: no such directory; point it at a folder "
                           f"with wiki.{{train,valid,test}}.raw or .tokens")
@@ -830,8 +1063,14 @@ class GPT2LM(nn.Module):
         self.controller_grad = cfg.controller_grad
         self.lambda_routing = cfg.lambda_routing
         self.amp_dtype = resolve_precision(cfg)
+        self.at_head = not memory_below_head(cfg)
         if use_dnc:
             self.memory = DNCMemory(cfg)
+            if not self.at_head:
+                # block k's output is an unnormalised residual stream; ln_f normalises what
+                # the DNC sees at the head, and this LayerNorm does the same inside
+                self.memory_ln = nn.LayerNorm(cfg.hidden_size)
+                self.transformer.h[cfg.memory_layer - 1].register_forward_hook(self.add_read)
             self.read_proj = nn.Linear(cfg.num_reads * cfg.mem_width, cfg.hidden_size)
             for layer in (self.memory.interface_proj, self.read_proj):
                 nn.init.normal_(layer.weight, std=0.02)  # GPT-2's initialisation scale
@@ -855,23 +1094,41 @@ class GPT2LM(nn.Module):
         order (loss_on=answers); the LM head over 50,257 classes is then nearly free.
         """
         with self.autocast(input_ids.device):
+            self.memory_in = memory_state  # for add_read, when the reads enter inside GPT-2
             h = self.transformer(input_ids=input_ids).last_hidden_state
             if not self.use_dnc:
                 return LMOutput(self.lm_head(h if scored is None else h[scored]))
-            controller = scale_gradient(h, self.controller_grad)
-            reads, write_gate, write_weights, state = self.memory.scan(controller, memory_state)
-            x = h + self.read_proj(reads.flatten(-2))
+            if not self.at_head:  # add_read has run; the upper blocks have no read-free twin
+                (gate, weights, state), self.memory_out = self.memory_out, None
+                logits = self.lm_head(h if scored is None else h[scored])
+                return LMOutput(logits, gate, weights, None, state)
+            x, *memory_out = self.read_and_add(h, h, memory_state)
             if scored is not None:
                 h, x = h[scored], x[scored]
             logits = self.lm_head(x)
             if self.training and self.lambda_routing == 0:  # no routing loss: no second head
-                return LMOutput(logits, write_gate, write_weights, None, state)
+                return LMOutput(logits, *memory_out[:2], None, memory_out[2])
             # only the routing target and mem_kl use it, without gradient (SPEC); in training
             # only at the positions where the routing loss is taken (routing_stride)
             stride = self.routing_stride if self.training and scored is None else 1
             with torch.no_grad():
                 nomem_logits = self.lm_head(h[:, ::stride] if scored is None else h)
-        return LMOutput(logits, write_gate, write_weights, nomem_logits, state)
+        return LMOutput(logits, *memory_out[:2], nomem_logits, memory_out[2])
+
+    def read_and_add(self, residual, controller, memory_state):
+        """residual + read_proj(r_t), with r_t read by the DNC driven by `controller`."""
+        controller = scale_gradient(controller, self.controller_grad)
+        reads, write_gate, write_weights, state = self.memory.scan(controller, memory_state)
+        return residual + self.read_proj(reads.flatten(-2)), write_gate, write_weights, state
+
+    def add_read(self, block, inputs, output):
+        """Forward hook of block k (memory_layer < num_layers): its output gains the read, so
+        the blocks above attend to what each token read. Causal: the DNC at token t has seen
+        block k's outputs at tokens <= t only."""
+        h = output[0] if isinstance(output, tuple) else output
+        x, *self.memory_out = self.read_and_add(h, self.memory_ln(h), self.memory_in)
+        self.memory_in = None
+        return (x, *output[1:]) if isinstance(output, tuple) else x
 
     def autocast(self, device):
         if self.amp_dtype == torch.float32:
@@ -894,10 +1151,22 @@ def scale_gradient(x, scale):
     return x.detach() + scale * (x - x.detach())  # exactly x forward: x - x.detach() is 0
 
 
+def memory_below_head(cfg):
+    """True when the DNC reads inside GPT-2 (memory_layer = k < num_layers), not at its head."""
+    return 0 < cfg.memory_layer < cfg.num_layers
+
+
 def build_model(cfg, use_dnc):
-    """Both models from one seed: GPT-2 is built first, so its weights are identical in both."""
+    """Both models from one seed: GPT-2 is built first, so its weights are identical in both;
+    with init_from, GPT-2's weights are the checkpoint's in both."""
     torch.manual_seed(cfg.seed)
-    return GPT2LM(cfg, use_dnc)
+    model = GPT2LM(cfg, use_dnc)
+    if cfg.init_from:
+        from transformers import GPT2Model
+
+        pretrained = GPT2Model.from_pretrained(cfg.init_from)
+        model.transformer.load_state_dict(pretrained.state_dict())  # lm_head is tied to wte
+    return model
 
 
 def count_parameters(model):
@@ -1028,7 +1297,9 @@ class MetricSums:
             self.add("gate_sq", gate ** 2)
             self.add("writes", (gate > WRITE_THRESHOLD).float())
             self.add("write_entropy", write_entropy(write_weights.float()))
-            self.add("kl", kl_from_log_probs(log_probs, F.log_softmax(nomem_logits.float(), -1)))
+            if nomem_logits is not None:  # None when the reads enter inside GPT-2
+                self.add("kl", kl_from_log_probs(log_probs,
+                                                 F.log_softmax(nomem_logits.float(), -1)))
 
     def metrics(self):
         dnc_tokens = float(self.sums.get("dnc_tokens", 0.0))
@@ -1042,8 +1313,9 @@ class MetricSums:
         if self.sums.get("dnc_tokens"):
             result.update(avg_gate=mean["gate"],
                           gate_std=math.sqrt(max(mean["gate_sq"] - mean["gate"] ** 2, 0.0)),
-                          write_rate=mean["writes"], write_sparsity=1 - mean["write_entropy"],
-                          mem_kl=mean["kl"])
+                          write_rate=mean["writes"], write_sparsity=1 - mean["write_entropy"])
+            if "kl" in mean:
+                result["mem_kl"] = mean["kl"]
         return result
 
 
@@ -1188,7 +1460,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "bptt_segments", "controller_grad", "zero_read_proj",
               "write_gate_bias", "read_strength_bias", "dataset", "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts",
-              "context_stride")
+              "context_stride", "memory_layer", "init_from")
 
 
 class TrainingError(Exception):
@@ -1266,7 +1538,7 @@ def load_checkpoint(path, cfg, source):
         if theirs != ours:
             raise ConfigError(f"{path}: made with {field}={theirs}, this run has {field}={ours}; "
                               f"pass --{field}={theirs} or use another --save_dir")
-    if ckpt.get("data_source") != source:
+    if source is not None and ckpt.get("data_source") != source:  # None: eval_only, generate
         raise ConfigError(f"{path}: trained on {ckpt.get('data_source')}, this run reads {source}; "
                           f"use the same data or another --save_dir")
     return ckpt
@@ -1544,8 +1816,10 @@ def check_finite(name, step, loss, grad_norm, cfg):
                                 f"good checkpoint stays in {cfg.save_dir} (try a lower --lr)")
 
 
-def train_model(cfg, use_dnc, units, valid, device, source, stop):
-    """Train one model; validate and checkpoint every save_every_steps and at the end."""
+def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
+    """Train one model; validate and checkpoint every save_every_steps and at the end.
+
+    live (a LiveView): shown the train rows and each validation as they come."""
     from tqdm import tqdm
 
     name = MODEL_NAMES[use_dnc]
@@ -1572,10 +1846,12 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop):
                          grad_norm if not scaler.is_enabled() else 0.0, cfg)
             stop_requested = sums.pop("stop") > 0
             log.add({k: v for k, v in sums.items() if use_dnc or k not in DNC_SUMS})
-            if step % cfg.log_every_steps == 0:
-                history["train"].append(log.record(step))
             lm = sums["lm"] / sums["tokens"]
             tokens_per_s = (step - first) * cfg.batch_size * cfg.seq_len / (time.time() - started)
+            if step % cfg.log_every_steps == 0:
+                history["train"].append(log.record(step))
+                if live:
+                    live.train_row(name, history["train"][-1], tokens_per_s)
             bar.update(1)
             bar.set_postfix(loss=f"{lm:.3f}", ppl=f"{math.exp(min(lm, 50)):.1f}",
                             tok_s=f"{tokens_per_s:.0f}")
@@ -1586,6 +1862,8 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop):
                 path = save_checkpoint(cfg, name, model, optimizer, scaler, step,
                                        steps_per_epoch, history, log, source, device, carried,
                                        final)
+                if live:
+                    live.validation(name, history)
                 exact = f", exact {metrics['exact']:.3f}" if "exact" in metrics else ""
                 bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
                           f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f}{exact} -> {path}")
@@ -1612,6 +1890,42 @@ def save_history(cfg, histories, source):
     path = Path(cfg.plot_dir) / "history.json"
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
     return path
+
+
+class LiveView:
+    """What a run of hours shows while it trains: history.json and training_curves.png
+    rewritten (atomically) at every validation, and with --tensorboard the train rows,
+    tokens/s and validation metrics as TensorBoard scalars. Rank 0 only."""
+
+    def __init__(self, cfg, source, histories):
+        self.cfg, self.source, self.histories = cfg, source, histories
+        self.writer = None
+        if cfg.tensorboard and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter  # validate_config checked it
+            self.writer = SummaryWriter(log_dir=str(Path(cfg.plot_dir) / "tb"))
+
+    def train_row(self, name, row, tokens_per_s):
+        self.scalars(f"{name}/train", {**row, "tok_s": tokens_per_s}, row["step"])
+
+    def validation(self, name, history):
+        if not is_main_process():
+            return
+        self.histories[name] = history
+        save_history(self.cfg, self.histories, self.source)
+        plot_training_curves(self.histories, Path(self.cfg.plot_dir) / "training_curves.png")
+        self.scalars(f"{name}/valid", history["val"][-1], history["val"][-1]["step"])
+
+    def scalars(self, prefix, row, step):
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix.replace(' ', '_')}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_training_curves(histories, path):
@@ -1693,6 +2007,8 @@ def comparison_table(base, dnc, source):
              f"  test split · {source}", "═" * 66,
              f"  {'Metric':<22}{'GPT2 Baseline':>16}{'GPT2 + DNC':>17}   Δ", "  " + "─" * 62]
     for label, key, fmt, better in TABLE_ROWS:
+        if key not in dnc:  # mem_kl: no read-free prediction when the reads enter inside GPT-2
+            continue
         if key in base:
             row = f"{fmt.format(base[key]):>16}{fmt.format(dnc[key]):>17}   "
             row += format_delta(base[key], dnc[key], better)
@@ -1786,17 +2102,36 @@ def inspect_writes(model, tokenizer, snippet):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 
+def print_results(cfg, results, source):
+    print()
+    if cfg.dataset == "recall":
+        print(recall_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]]))
+    else:
+        print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
+
+
+def generation_table(prompt, continuations, gates, cfg):
+    """Both models' continuations token by token, with the DNC's write gate at each token."""
+    how = "greedy" if cfg.temperature == 0 else (f"temperature {cfg.temperature:g}, top-k "
+                                                 f"{cfg.top_k or 'all'}, seed {cfg.seed}")
+    lines = ["═" * 78, f"  GENERATION — {how}", "═" * 78, f"  prompt: {prompt!r}"]
+    lines += [f"  {name}: {''.join(tokens)!r}" for name, tokens in continuations.items()]
+    lines += ["", f"  {'step':>4}  {'GPT2 Baseline':<20}{'GPT2 + DNC':<20}{'g^w':>6}  bar",
+              "  " + "─" * 74]
+    for step, (base, dnc, gate) in enumerate(zip(*continuations.values(), gates), 1):
+        lines.append(f"  {step:>4}  {repr(base)[1:-1][:18]:<20}{repr(dnc)[1:-1][:18]:<20}"
+                     f"{gate:6.3f}  {'█' * int(gate * BAR_SCALE)}")
+    return "\n".join(lines)
+
+
 def report(cfg, models, histories, results, tokenizer, snippet, source):
     """Rank 0: history, plots, the comparison table and the write inspection."""
     save_history(cfg, histories, source)
     plot_training_curves(histories, Path(cfg.plot_dir) / "training_curves.png")
-    print()
+    print_results(cfg, results, source)
     if cfg.dataset == "recall":
-        print(recall_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]]))
         save_recall_json(results, Path(cfg.plot_dir) / "recall.json")
         plot_recall(results, Path(cfg.plot_dir) / "recall.png")
-    else:
-        print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
     table, tokens, gates, weights = inspect_writes(models[MODEL_NAMES[1]], tokenizer, snippet)
     print(f"\n  MEMORY WRITE INSPECTION — GPT2 + DNC on a validation snippet of {source}")
     print(table)
@@ -1821,7 +2156,7 @@ def load_task(cfg, tokenizer):
         snippet = first.ids[0, max(0, facts - 4):][:cfg.inspect_tokens]
         if is_main_process():
             print(f"data: {source}; {RECALL_EVAL_EPISODES['test']} test episodes per distance, "
-                  f"fresh training episodes at every step; device {resolve_device(cfg)}")
+                  f"fresh training episodes at every step; {hardware_summary(cfg)}")
         return task, valid, test, source, snippet
     streams, source = load_data(cfg, tokenizer)
     units = training_units(streams["train"], cfg)
@@ -1831,8 +2166,8 @@ def load_task(cfg, tokenizer):
                           f"--batch_size or --seq_len")
     if is_main_process():
         print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
-              f"{len(streams['valid']):,}, test {len(streams['test']):,}; device "
-              f"{resolve_device(cfg)}, {world_size()} process(es)")
+              f"{len(streams['valid']):,}, test {len(streams['test']):,}; "
+              f"{hardware_summary(cfg)}")
     snippet = inspection_snippet(tokenizer, streams["valid"], cfg.inspect_tokens)
     return units, streams["valid"], streams["test"], source, snippet
 
@@ -1850,15 +2185,94 @@ def run(cfg, stop):
             for _, path in list_checkpoints(cfg.save_dir, name)[-1:]:
                 load_checkpoint(path, cfg, source)
     models, histories, results = {}, {}, {}
-    for use_dnc in (False, True):
-        name = MODEL_NAMES[use_dnc]
-        models[name], histories[name] = train_model(cfg, use_dnc, units, valid, device, source,
-                                                    stop)
-        results[name] = evaluate_split(models[name], test, cfg)
-        results[name]["params"] = count_parameters(models[name])
+    live = LiveView(cfg, source, histories)
+    try:
+        for use_dnc in (False, True):
+            name = MODEL_NAMES[use_dnc]
+            models[name], histories[name] = train_model(cfg, use_dnc, units, valid, device,
+                                                        source, stop, live)
+            results[name] = evaluate_split(models[name], test, cfg)
+            results[name]["params"] = count_parameters(models[name])
+    finally:
+        live.close()
     if is_main_process():
         report(cfg, models, histories, results, tokenizer, snippet, source)
     return results
+
+
+def final_models(cfg, device):
+    """Both models as their newest FINAL checkpoints in save_dir left them (eval_only,
+    generate), loaded weights-only; with init_from and no checkpoints, the pretrained GPT-2."""
+    models = {}
+    for use_dnc, name in enumerate(MODEL_NAMES):
+        model = build_model(cfg, bool(use_dnc))
+        finals = [path for _, path in list_checkpoints(cfg.save_dir, name) if "_FINAL_" in path.name]
+        if finals:
+            model.load_state_dict(load_checkpoint(finals[-1], cfg, None)["model_state_dict"])
+        elif not cfg.init_from:
+            raise ConfigError(f"--save_dir={cfg.save_dir}: no FINAL checkpoint of {name}; finish "
+                              f"a run there first, or start from --init_from")
+        models[name] = model.to(device).eval()
+    return models
+
+
+def sample_next(logits, cfg, generator):
+    """The next token from (V,) logits: argmax at temperature 0, else top-k sampling."""
+    if cfg.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+
+
+@torch.no_grad()
+def continue_text(model, prompt_ids, cfg):
+    """Token ids generated after the prompt, the DNC's write gate at each of them, and the
+    logits each step sampled from. GPT-2 sees the current segment of up to seq_len tokens;
+    the DNC state flows from each full segment into the next, as in carried evaluation."""
+    device, generator = model_device(model), torch.Generator().manual_seed(cfg.seed)
+    ids, start, state, new, gates, step_logits = list(prompt_ids), 0, None, [], [], []
+
+    def forward():
+        nonlocal start, state
+        if len(ids) - start > cfg.seq_len:  # the segment is full: carry the memory past it
+            state = model(torch.tensor([ids[start:start + cfg.seq_len]], device=device),
+                          memory_state=state).memory_state
+            start += cfg.seq_len
+        out = model(torch.tensor([ids[start:]], device=device), memory_state=state)
+        if model.use_dnc and new:  # the last input is the newest generated token
+            gates.append(float(out.write_gate[0, -1]))
+        return out
+
+    for _ in range(cfg.max_new_tokens):
+        step_logits.append(forward().logits[0, -1].float().cpu())
+        new.append(sample_next(step_logits[-1], cfg, generator))
+        ids.append(new[-1])
+    if model.use_dnc and new:  # the last token's gate needs one more step of the DNC
+        forward()
+    return new, gates, step_logits
+
+
+def use_finished_models(cfg):
+    """--eval_only and --generate: the finished (or pretrained) models, nothing written."""
+    device = resolve_device(cfg)
+    tokenizer = load_tokenizer()
+    models = final_models(cfg, device)
+    if cfg.eval_only:
+        _, _, test, source, _ = load_task(cfg, tokenizer)
+        results = {name: {**evaluate_split(model, test, cfg), "params": count_parameters(model)}
+                   for name, model in models.items()}
+        print_results(cfg, results, source)
+    if cfg.generate:
+        prompt = tokenizer.encode(cfg.generate)
+        continuations, gates = {}, []
+        for name, model in models.items():
+            new, model_gates, _ = continue_text(model, prompt, cfg)
+            continuations[name] = [tokenizer.decode([i]) for i in new]
+            gates = model_gates or gates
+        print(generation_table(cfg.generate, continuations, gates, cfg))
 
 
 def keep_freed_memory():
@@ -1877,7 +2291,7 @@ def keep_freed_memory():
 
 def init_distributed(cfg):
     """Under torchrun: nccl between GPUs, gloo between CPU processes."""
-    if world_size() > 1 and not distributed():
+    if launched_by_torchrun() and not distributed():
         device = resolve_device(cfg)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -1886,17 +2300,23 @@ def init_distributed(cfg):
 
 def resume_command(argv):
     kept = [a for a in argv if not a.startswith("--resume=")]
-    launcher = "torchrun ..." if world_size() > 1 else "python"
+    launcher = "torchrun ..." if launched_by_torchrun() else "python"
     return f"{launcher} dnc_gpt2.py {shlex.join([*kept, '--resume=true'])}"
 
 
 def main(argv=None):
     """Returns the exit status: 0 done, 1 diverged, 2 bad input, 128 + signal when stopped."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if {"--help", "-h"} & set(argv):
+        print(usage())
+        return 0
     try:
         with StopFlag() as stop:
             cfg = config_from_args(argv)
             validate_config(cfg)
+            if cfg.eval_only or cfg.generate:
+                use_finished_models(cfg)
+                return 0
             refuse_to_overwrite(cfg)
             keep_freed_memory()
             init_distributed(cfg)

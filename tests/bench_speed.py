@@ -3,6 +3,7 @@
     python tests/bench_speed.py                      # every case at the default Config
     python tests/bench_speed.py --cases=train --repeats=7
     python tests/bench_speed.py --cases=train --routing_stride=4     # the approximate option
+    python tests/bench_speed.py --device=cuda --cases=train,train_compiled --no_peak  # a GPU
 
 Prints one JSON line per case, then a table. Each ratio compares the two models measured
 interleaved (baseline, DNC, baseline, DNC, ...) in the same process, so machine noise hits
@@ -36,18 +37,32 @@ def peak_rss_mib():
     return float("nan")
 
 
-def case_config(case, routing_stride):
+# the recall preset's model, at 8 x 64 tokens (the speed issue's train_small case)
+SMALL = dict(hidden_size=128, num_layers=2, num_heads=4, mem_slots=32, mem_width=32,
+             num_reads=2, batch_size=8, seq_len=64)
+
+
+def case_config(case, routing_stride, device="auto"):
+    """train | eval, then optionally _small (recall sizes), _links, _compiled."""
     return dnc_gpt2.Config(temporal_links="_links" in case, routing_stride=routing_stride,
-                           use_compile=case.endswith("_compiled"), compile_mode="default")
+                           use_compile=case.endswith("_compiled"), compile_mode="default",
+                           device=device, **(SMALL if "_small" in case else {}))
+
+
+def synchronize(device):
+    """CUDA runs asynchronously: a host clock read without this times only the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def make_stepper(cfg, use_dnc, kind):
     """A function doing one train step (forward, backward, AdamW) or one evaluation batch."""
+    device = dnc_gpt2.resolve_device(cfg)
     batch = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
-                          generator=torch.Generator().manual_seed(0))
-    model = dnc_gpt2.build_model(cfg, use_dnc)
+                          generator=torch.Generator().manual_seed(0)).to(device)
+    model = dnc_gpt2.build_model(cfg, use_dnc).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    runner = dnc_gpt2.wrap_for_hardware(model, cfg, torch.device("cpu"))
+    runner = dnc_gpt2.wrap_for_hardware(model, cfg, device)
 
     def train_step():
         out = runner(batch[:, :-1])
@@ -56,9 +71,11 @@ def make_stepper(cfg, use_dnc, kind):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        synchronize(device)
 
     def eval_step():
         dnc_gpt2.evaluate(runner, [batch])
+        synchronize(device)
 
     return train_step if kind == "train" else eval_step
 
@@ -87,7 +104,7 @@ def time_interleaved(cfg, repeats, kind):
 def peak_in_fresh_process(case, use_dnc, args):
     """Peak RSS (MiB) of a new process that builds one model and runs two of its steps."""
     command = [sys.executable, __file__, f"--peak_of={case}:{int(use_dnc)}",
-               f"--routing_stride={args.routing_stride}"] + (
+               f"--routing_stride={args.routing_stride}", f"--device={args.device}"] + (
                   ["--malloc_default"] if args.malloc_default else [])
     return round(float(subprocess.run(command, capture_output=True, text=True,
                                       check=True).stdout.split()[-1]))
@@ -113,10 +130,12 @@ def time_data_load():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--cases",
-                        default="train,train_links,eval,eval_links,train_compiled,data_load")
+                        default="train,train_links,eval,eval_links,train_small,train_compiled,"
+                                "data_load")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--routing_stride", type=int, default=1, help="Config.routing_stride")
+    parser.add_argument("--device", default="auto", help="Config.device: auto, cpu or cuda")
     parser.add_argument("--malloc_default", action="store_true",
                         help="leave glibc's malloc as is (dnc_gpt2.main calls keep_freed_memory)")
     parser.add_argument("--no_peak", action="store_true", help="skip the peak-memory processes")
@@ -128,23 +147,27 @@ def main():
         dnc_gpt2.keep_freed_memory()
     if args.peak_of:
         case, use_dnc = args.peak_of.split(":")
-        step = make_stepper(case_config(case, args.routing_stride), use_dnc == "1",
-                            case.split("_")[0])
+        cfg = case_config(case, args.routing_stride, args.device)
+        step = make_stepper(cfg, use_dnc == "1", case.split("_")[0])
         step()
         step()
-        print(peak_rss_mib())
+        cuda = dnc_gpt2.resolve_device(cfg).type == "cuda"
+        print(torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib())
         return
+    cfg = dnc_gpt2.Config(device=args.device)
     machine = (f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
                f"threads, malloc {'default' if args.malloc_default else 'keep_freed_memory'}, "
-               f"routing_stride {args.routing_stride}")
+               f"routing_stride {args.routing_stride}, {dnc_gpt2.hardware_summary(cfg)}")
     print("# default Config (B=4, T=128, 6 layers, 768 wide, 8 heads, N=64, W=128, R=4); "
+          f"_small: the recall preset's model at 8 x 64 tokens; peak: "
+          f"{'GPU memory allocated' if dnc_gpt2.resolve_device(cfg).type == 'cuda' else 'RSS'}; "
           + machine)
     results = []
     for case in args.cases.split(","):
         if case == "data_load":
             result = time_data_load()
         else:
-            cfg = case_config(case, args.routing_stride)
+            cfg = case_config(case, args.routing_stride, args.device)
             result = time_interleaved(cfg, args.repeats, case.split("_")[0])
             if not args.no_peak and not cfg.use_compile:
                 result.update(baseline_peak_rss_mib=peak_in_fresh_process(case, False, args),

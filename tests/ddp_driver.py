@@ -18,12 +18,19 @@ import dnc_gpt2  # noqa: E402
 
 OUT = Path(os.environ["DDP_DRIVER_OUT"])
 train_model, atomic_write = dnc_gpt2.train_model, dnc_gpt2.atomic_write
+wrap_for_hardware, wrapped = dnc_gpt2.wrap_for_hardware, []
 
 
 def logged_write(path, write):
     with open(OUT / f"writes-rank{dnc_gpt2.rank()}.txt", "a") as log:
         log.write(f"{path}\n")
     atomic_write(path, write)
+
+
+def recording_wrap(model, cfg, device):
+    runner = wrap_for_hardware(model, cfg, device)
+    wrapped.append(type(runner).__name__)
+    return runner
 
 
 def checked_train_model(cfg, use_dnc, train_windows, valid_ids, *args):
@@ -41,6 +48,7 @@ def checked_train_model(cfg, use_dnc, train_windows, valid_ids, *args):
             whole.add_batch(model(batch[:, :-1]), batch[:, 1:])
     if dnc_gpt2.is_main_process():
         record = {"param_max_diff": max((c - copies[0]).abs().max().item() for c in copies),
+                  "wrapped": wrapped[-1],
                   "sharded": sharded, "whole": whole.metrics()}
         (OUT / f"check-{int(use_dnc)}.json").write_text(json.dumps(record))
     return model, history
@@ -48,4 +56,5 @@ def checked_train_model(cfg, use_dnc, train_windows, valid_ids, *args):
 
 dnc_gpt2.atomic_write = logged_write
 dnc_gpt2.train_model = checked_train_model
+dnc_gpt2.wrap_for_hardware = recording_wrap
 sys.exit(dnc_gpt2.main(sys.argv[1:]))

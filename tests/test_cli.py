@@ -1,5 +1,6 @@
 """Config parsing and validation: bad input gets one clear line naming the field, exit status 2,
 and never touches files of an earlier run."""
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -125,6 +126,15 @@ def run_main(root, args):
     (["--save_dir={tmp}/a_file/ckpt"], "save_dir"),
     (["--plot_dir={tmp}/a_file/plots"], "plot_dir"),
     (["--data_dir={tmp}/no_such_dir"], "data_dir"),
+    # os.access says yes to root here; only creating a file shows that /proc takes none
+    (["--save_dir=/proc/nope", "--resume=true"], "save_dir"),
+    (["--cache_dir=/proc/nope", "--resume=true"], "cache_dir"),
+    (["--epochs=-1", "--max_steps=3"], "epochs"),
+    (["--epochs=0"], "epochs"),
+    (["--temperature=-1"], "temperature"),
+    (["--top_k=-1"], "top_k"),
+    (["--max_new_tokens=0"], "max_new_tokens"),
+    (["--memory_layer=9"], "memory_layer"),
     # the data checks come after the refusal to overwrite, so these pass --resume to reach them
     (["--data_dir={tmp}/empty_split", "--resume=true"], "data_dir"),
     (["--data_dir={tmp}/tiny", "--batch_size=64", "--seq_len=16", "--resume=true"], "batch_size"),
@@ -159,3 +169,19 @@ def test_script_exits_2_with_one_line_on_bad_input(tmp_path):
     assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "hidden_size" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_field_with_type_default_and_meaning(flag, capsys):
+    assert dnc_gpt2.main([flag]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(dnc_gpt2.Config):
+        assert f"--{f.name}={dnc_gpt2.default_text(f.default)}  ({f.type.__name__})" in out
+        assert dnc_gpt2.FIELD_HELP[f.name] in out
+    assert all(f"  {name}: " in out for name in dnc_gpt2.PRESETS) and "--preset=smoke" in out
+
+
+def test_readme_config_table_is_the_one_help_prints():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert dnc_gpt2.config_table() in readme
+    assert set(dnc_gpt2.FIELD_HELP) == {f.name for f in dataclasses.fields(dnc_gpt2.Config)}

@@ -32,6 +32,7 @@ def run(tmp, name, launcher, extra=()):
     result = subprocess.run([*launcher, str(REPO / "tests" / "ddp_driver.py"), *args], env=env,
                             cwd=tmp, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    (out / "stdout.txt").write_text(result.stdout)
     history = json.loads((out / "plots" / "history.json").read_text())["histories"]
     return out, history
 
@@ -40,8 +41,10 @@ def run(tmp, name, launcher, extra=()):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     write_data(tmp / "data")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    return {"ddp": run(tmp, "ddp", torchrun), "single": run(tmp, "single", [sys.executable]),
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return {"ddp": run(tmp, "ddp", [*torchrun, "--nproc_per_node=2"]),
+            "ddp1": run(tmp, "ddp1", [*torchrun, "--nproc_per_node=1"]),
+            "single": run(tmp, "single", [sys.executable]),
             "accum": run(tmp, "accum", [sys.executable], ["--grad_accum_steps=2"])}
 
 
@@ -51,6 +54,16 @@ def test_ranks_end_with_identical_parameters(runs):
         assert json.loads((out / f"check-{use_dnc}.json").read_text())["param_max_diff"] == 0
 
 
+def test_torchrun_with_one_process_still_trains_through_ddp(runs):
+    # the GPU check runs torchrun --nproc_per_node=1: it must exercise the DDP path, not skip it
+    out, _ = runs["ddp1"]
+    for use_dnc in (0, 1):
+        assert json.loads((out / f"check-{use_dnc}.json").read_text())["wrapped"] == \
+            "DistributedDataParallel"
+    assert "DDP over 1 process(es) (gloo)" in (out / "stdout.txt").read_text()
+    assert "DDP" not in (runs["single"][0] / "stdout.txt").read_text()
+
+
 def test_only_rank_zero_writes_files(runs):
     out, _ = runs["ddp"]
     written = (out / "writes-rank0.txt").read_text().splitlines()
@@ -58,7 +71,7 @@ def test_only_rank_zero_writes_files(runs):
     assert not (out / "writes-rank1.txt").exists()
 
 
-@pytest.mark.parametrize("other", ["ddp", "accum"])
+@pytest.mark.parametrize("other", ["ddp", "ddp1", "accum"])
 def test_loss_curve_equals_single_process_with_same_global_batch(runs, other):
     _, single = runs["single"]
     _, history = runs[other]

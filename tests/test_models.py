@@ -10,9 +10,9 @@ LINKS = pytest.mark.parametrize("links", [False, True], ids=["links_off", "links
 
 
 def tiny_cfg(links, **kw):
-    return D.Config(hidden_size=32, num_layers=2, num_heads=2, mem_slots=8, mem_width=6,
-                    num_reads=3, seq_len=16, vocab_size=97, dropout=0.0,
-                    temporal_links=links, **kw)
+    return D.Config(**{**dict(hidden_size=32, num_layers=2, num_heads=2, mem_slots=8,
+                              mem_width=6, num_reads=3, seq_len=16, vocab_size=97, dropout=0.0,
+                              temporal_links=links), **kw})
 
 
 def tiny_model(use_dnc, links):
@@ -268,3 +268,86 @@ def test_without_a_routing_loss_training_skips_the_no_memory_logits():
     assert model.eval()(ids[:, :-1]).nomem_logits.shape == train.logits.shape  # mem_kl stays
     with_routing = D.build_model(tiny_cfg(False), True).train()(ids[:, :-1])
     assert with_routing.nomem_logits is not None
+
+
+MEMORY_LAYERS = pytest.mark.parametrize("layer", [0, 1, 2, 3])  # of 3 blocks; 0 = the last
+
+
+def layered_model(layer, **kw):
+    cfg = tiny_cfg(True, num_layers=3, memory_layer=layer, lambda_routing=0.0, **kw)
+    return cfg, D.build_model(cfg, True).eval()
+
+
+@MEMORY_LAYERS
+def test_memory_layer_keeps_the_model_causal_and_per_sequence(layer):
+    cfg, model = layered_model(layer)
+    ids = random_ids(cfg)
+    with torch.no_grad():
+        ref = model(ids)
+        for k in (1, 7, cfg.seq_len - 1):
+            edited = ids.clone()
+            edited[0, k] = (ids[0, k] + 1) % cfg.vocab_size
+            out = model(edited)
+            for name in ("logits", "write_gate", "write_weights"):
+                diff = (getattr(ref, name) - getattr(out, name)).abs()
+                assert diff[0, :k].max() <= 1e-5, (name, k)
+                assert diff[0, k:].max() > 1e-5, (name, k)
+                assert diff[1].max() <= 1e-5, (name, k)
+
+
+def read_gradient_by_position(model, ids, t):
+    """|∂ logits_t / ∂ read_proj(r)_s| for every position s of sequence 0."""
+    captured = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured.append(output)
+
+    handle = model.read_proj.register_forward_hook(keep)
+    model(ids).logits[0, t].sum().backward()
+    handle.remove()
+    return captured[0].grad[0].abs().sum(-1)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_memory_layer_below_the_head_lets_later_tokens_attend_to_earlier_reads(layer):
+    cfg, model = layered_model(layer)
+    t = 9
+    grad = read_gradient_by_position(model, random_ids(cfg), t)
+    assert (grad[:t] > 0).all()  # the blocks above carry every earlier read to position t
+    assert (grad[t + 1:] == 0).all()  # and no later one
+
+
+def test_memory_layer_at_the_head_adds_each_read_to_its_own_position_only():
+    cfg, model = layered_model(3)
+    t = 9
+    grad = read_gradient_by_position(model, random_ids(cfg), t)
+    assert grad[t] > 0 and grad[:t].max() == 0 and grad[t + 1:].max() == 0
+
+
+def test_memory_layer_equal_to_num_layers_is_the_default_head_design():
+    cfg_last, last = layered_model(3)
+    cfg_zero, zero = layered_model(0)
+    ids = random_ids(cfg_last)
+    torch.testing.assert_close(last(ids).logits, zero(ids).logits, rtol=0, atol=0)
+    assert not hasattr(last, "memory_ln")
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_memory_layer_with_zero_read_proj_starts_as_the_baseline(layer):
+    cfg, model = layered_model(layer, zero_read_proj=True)
+    base = D.build_model(cfg, False).eval()
+    ids = random_ids(cfg)
+    out = model(ids)
+    torch.testing.assert_close(out.logits, base(ids).logits, rtol=0, atol=0)
+    assert out.nomem_logits is None and out.write_gate.shape == ids.shape
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_layers=2", "--memory_layer=3"], "memory_layer=3: use 1..num_layers"),
+    (["--num_layers=2", "--memory_layer=-1"], "memory_layer=-1"),
+    (["--num_layers=2", "--memory_layer=1", "--lambda_routing=0.1"], "set --lambda_routing=0")])
+def test_memory_layer_bad_values_are_one_line_errors(args, message, capsys):
+    assert D.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

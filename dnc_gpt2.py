@@ -78,6 +78,7 @@ class Config:
     lambda_entropy: float = 0.05
     routing_stride: int = 1
     seed: int = 1337
+    seeds: str = ""
     # logging and checkpoints
     log_every_steps: int = 50
     save_every_steps: int = 3000
@@ -191,6 +192,12 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "token; 1 = every token, exact. An approximation that saves time (see Performance); "
         "evaluation and `mem_kl` always use every token"),
     "seed": "initial weights, data order and dropout",
+    "seeds": (
+        "empty: the one `seed`; else S1,S2,...: the paired comparison once per seed (its "
+        "checkpoints in save_dir/seed_S/, its plots in plot_dir/seed_S/), then the table of "
+        "mean ± sample std over seeds with the paired Δ, `plot_dir/results.json` and the "
+        "curves' band in `plot_dir/training_curves.png`; `--resume=true` continues the first "
+        "unfinished seed"),
     "log_every_steps": "steps between recorded train metrics",
     "save_every_steps": "steps between validation + checkpoint",
     "save_dir": "checkpoints",
@@ -391,6 +398,11 @@ def resolve_precision(cfg):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
+def seed_list(cfg):
+    """The seeds of the run: --seeds if given, else the one --seed."""
+    return [int(s) for s in re.findall(r"-?\d+", cfg.seeds)] if cfg.seeds else [cfg.seed]
+
+
 def hardware_summary(cfg):
     """One line for the log: where the run computes, in which precision, over what."""
     device = resolve_device(cfg)
@@ -476,6 +488,10 @@ def validate_config(cfg):
         (cfg.batch_size % (world_size() * cfg.grad_accum_steps) == 0, "batch_size",
          f"batch_size={cfg.batch_size} (the global batch) must be divisible by processes "
          f"({world_size()}) x grad_accum_steps ({cfg.grad_accum_steps})"),
+        (re.fullmatch(r"(-?\d+(,-?\d+)*)?", cfg.seeds) is not None, "seeds",
+         f"seeds={cfg.seeds!r}: use integers separated by commas, e.g. 1337,2,3"),
+        (len(set(seed_list(cfg))) == len(seed_list(cfg)), "seeds",
+         f"seeds={cfg.seeds!r} repeats a seed; each seed is one paired run"),
         (cfg.dataset in ("wikitext", "recall"), "dataset",
          f"dataset={cfg.dataset!r}: use wikitext or recall"),
         (re.fullmatch(r"\d+(,\d+)*", cfg.recall_distances) is not None
@@ -1880,7 +1896,7 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 PLOT_FILES = ("training_curves.png", "history.json", "memory_writes.png", "recall.json",
-              "recall.png")
+              "recall.png", "results.json")
 COLORS = {"GPT2 Baseline": "#4fc3f7", "GPT2 + DNC": "#ffb74d"}
 BAR_SCALE = 30  # characters for a gate of 1.0 in the write inspection
 
@@ -2016,6 +2032,105 @@ def comparison_table(base, dnc, source):
             row = f"{'—':>16}{fmt.format(dnc[key]):>17}"
         lines.append(f"  {label:<22}{row}".rstrip())
     return "\n".join(lines)
+
+
+def summary_metrics(result):
+    """A model's test result as flat numbers: the table's keys, and per recall distance d
+    `exact@d` and `answer_nll@d`."""
+    flat = {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "tokens"}
+    for distance, m in result.get("recall", {}).items():
+        flat[f"exact@{distance}"], flat[f"answer_nll@{distance}"] = m["exact"], m["answer_nll"]
+    return flat
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (None for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return {"mean": mean, "std": None}
+    return {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values)
+                                           / (len(values) - 1))}
+
+
+def seed_summary(per_seed):
+    """results.json's content from {seed: {model: flat metrics}}: mean ± std per model and
+    metric, and the paired relative difference (DNC − baseline) / |baseline| over seeds."""
+    seeds = list(per_seed)
+    base, dnc = MODEL_NAMES
+    summary = {name: {key: mean_std([per_seed[s][name][key] for s in seeds])
+                      for key in per_seed[seeds[0]][name]} for name in MODEL_NAMES}
+    paired = {key: mean_std([(per_seed[s][dnc][key] - per_seed[s][base][key])
+                             / abs(per_seed[s][base][key]) for s in seeds])
+              for key in summary[base] if key in summary[dnc]
+              and all(per_seed[s][base][key] != 0 for s in seeds)}
+    return {"seeds": [int(s) for s in seeds], "per_seed": per_seed, "summary": summary,
+            "paired_delta": paired}
+
+
+def better_in_every_seed(per_seed, key, better):
+    base, dnc = MODEL_NAMES
+    return better is not None and all(
+        (run[dnc][key] < run[base][key]) if better == "lower" else (run[dnc][key] > run[base][key])
+        for run in per_seed.values())
+
+
+def seeds_table(payload):
+    """Mean ± sample std of every metric over seeds; Δ = mean ± std of the paired relative
+    differences; ✓ only where the DNC is better in every seed."""
+    rows = {key: (label, fmt, better) for label, key, fmt, better in TABLE_ROWS}
+    summary, paired, per_seed = payload["summary"], payload["paired_delta"], payload["per_seed"]
+    lines = ["═" * 86, f"  OVER {len(per_seed)} SEEDS ({', '.join(map(str, payload['seeds']))})"
+             f" — test split, mean ± sample std; Δ: paired, per seed, mean ± std", "═" * 86,
+             f"  {'Metric':<22}{'GPT2 Baseline':>22}{'GPT2 + DNC':>22}   Δ", "  " + "─" * 82]
+
+    def cell(m, fmt):
+        def number(x):
+            return fmt.format(int(x) if float(x).is_integer() else x)
+        return number(m["mean"]) + ("" if m["std"] is None else f" ± {number(m['std'])}")
+
+    for key, dnc in summary[MODEL_NAMES[1]].items():
+        base = summary[MODEL_NAMES[0]].get(key)
+        label, fmt, better = rows.get(key, (key, "{:.4f}", "higher" if key.startswith("exact@")
+                                            else "lower" if key.startswith("answer_nll@")
+                                            else None))
+        row = f"  {label:<22}{cell(base, fmt) if base else '—':>22}{cell(dnc, fmt):>22}   "
+        if key in paired:
+            d = paired[key]
+            row += f"{d['mean']:+.2%}" + ("" if d["std"] is None else f" ± {d['std']:.2%}")
+            row += " ✓" if better_in_every_seed(per_seed, key, better) else ""
+        lines.append(row.rstrip())
+    return "\n".join(lines)
+
+
+def save_results_json(payload, path):
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+
+
+def plot_seed_curves(histories_by_seed, path):
+    """Each model's validation loss and top-1 accuracy, mean over seeds with a min-max band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.style.context("dark_background"):
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+        for ax, key, title in ((axes[0], "loss", "Validation cross-entropy (nats)"),
+                               (axes[1], "top1_acc", "Validation top-1 accuracy")):
+            for name in MODEL_NAMES:
+                runs = [h[name]["val"] for h in histories_by_seed.values()]
+                steps = [r["step"] for r in runs[0]]
+                values = torch.tensor([[r[key] for r in run] for run in runs])
+                ax.fill_between(steps, values.min(0).values, values.max(0).values, alpha=0.25,
+                                color=COLORS[name], lw=0)
+                ax.plot(steps, values.mean(0), "-o", ms=4, color=COLORS[name],
+                        label=f"{name}, mean of {len(runs)} seeds (band: min-max)")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.2)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        plt.close(fig)
 
 
 def recall_table(base, dnc):
@@ -2275,6 +2390,45 @@ def use_finished_models(cfg):
         print(generation_table(cfg.generate, continuations, gates, cfg))
 
 
+def seed_config(cfg, seed):
+    """One seed's run of --seeds: its own seed, checkpoint folder and plot folder."""
+    return dataclasses.replace(cfg, seed=seed, save_dir=str(Path(cfg.save_dir) / f"seed_{seed}"),
+                               plot_dir=str(Path(cfg.plot_dir) / f"seed_{seed}"))
+
+
+def run_seeds(cfg, stop):
+    """--seeds: the paired run once per seed, results.json after each, then the summary.
+
+    With --resume=true the seeds already in results.json are kept as they are, and the first
+    one missing continues from its checkpoints."""
+    path = Path(cfg.plot_dir) / "results.json"
+    done = json.loads(path.read_text())["per_seed"] if cfg.resume and path.is_file() else {}
+    per_seed, histories = {}, {}
+    for seed in seed_list(cfg):
+        one = seed_config(cfg, seed)
+        if str(seed) in done:
+            per_seed[str(seed)] = done[str(seed)]
+        else:
+            if is_main_process():
+                print(f"\n── seed {seed} ─────────────────────────────────────────────")
+            refuse_to_overwrite(one)
+            results = run(one, stop)
+            per_seed[str(seed)] = {name: summary_metrics(results[name]) for name in MODEL_NAMES}
+        if is_main_process():
+            history = json.loads((Path(one.plot_dir) / "history.json").read_text())
+            histories[seed] = history["histories"]
+            save_results_json(seed_summary(per_seed), path)
+    if is_main_process():
+        payload = seed_summary(per_seed)
+        print("\nper seed (test): " + "; ".join(
+            f"seed {s}: " + ", ".join(f"{name} ppl {m[name]['ppl']:.2f}" for name in MODEL_NAMES)
+            for s, m in per_seed.items()))
+        if len(per_seed) > 1:
+            print(seeds_table(payload))
+        plot_seed_curves(histories, Path(cfg.plot_dir) / "training_curves.png")
+        print(f"results: {path}, {Path(cfg.plot_dir) / 'training_curves.png'}")
+
+
 def keep_freed_memory():
     """Let glibc's malloc keep large freed blocks instead of returning them to the kernel.
 
@@ -2320,7 +2474,7 @@ def main(argv=None):
             refuse_to_overwrite(cfg)
             keep_freed_memory()
             init_distributed(cfg)
-            run(cfg, stop)
+            (run_seeds if cfg.seeds else run)(cfg, stop)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2287,13 +2287,18 @@ def load_task(cfg, tokenizer):
     return units, streams["valid"], streams["test"], source, snippet
 
 
-def run(cfg, stop):
-    """Load data, train both models, compare them on the test split; returns the test metrics."""
-    device = resolve_device(cfg)
+def checked_tokenizer(cfg):
     tokenizer = load_tokenizer()
     if cfg.vocab_size != len(tokenizer):
         raise ConfigError(f"--vocab_size={cfg.vocab_size}: the GPT-2 tokenizer has "
                           f"{len(tokenizer)} tokens; leave vocab_size at {len(tokenizer)}")
+    return tokenizer
+
+
+def run(cfg, stop):
+    """Load data, train both models, compare them on the test split; returns the test metrics."""
+    device = resolve_device(cfg)
+    tokenizer = checked_tokenizer(cfg)
     units, valid, test, source, snippet = load_task(cfg, tokenizer)
     if cfg.resume:  # a bad checkpoint of either model stops the run before any training
         for name in MODEL_NAMES:
@@ -2373,7 +2378,7 @@ def continue_text(model, prompt_ids, cfg):
 def use_finished_models(cfg):
     """--eval_only and --generate: the finished (or pretrained) models, nothing written."""
     device = resolve_device(cfg)
-    tokenizer = load_tokenizer()
+    tokenizer = checked_tokenizer(cfg)
     models = final_models(cfg, device)
     if cfg.eval_only:
         _, _, test, source, _ = load_task(cfg, tokenizer)

@@ -66,7 +66,7 @@ def tiny_gpt2(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(3)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=40, n_embd=24, n_layer=2,
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=40, n_embd=24, n_layer=2,
                                        n_head=3, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
     folder = tmp_path_factory.mktemp("tiny_gpt2")
     model.save_pretrained(folder)
@@ -78,7 +78,7 @@ def test_init_from_takes_the_architecture_and_the_weights(tiny_gpt2):
     cfg = D.config_from_args([f"--init_from={folder}", "--mem_slots=8", "--mem_width=6",
                               "--num_reads=2", "--seq_len=20", "--dropout=0"])
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.n_positions,
-            cfg.vocab_size) == (24, 2, 3, 40, 97)
+            cfg.vocab_size) == (24, 2, 3, 40, 50257)
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(ids).logits
@@ -130,6 +130,21 @@ def test_eval_only_reproduces_the_runs_test_table_and_writes_nothing(finished):
     table = printed[printed.index("FINAL COMPARISON"):printed.index("MEMORY WRITE")].strip()
     assert "Perplexity" in table and table in again
     assert snapshot(root) == before
+
+
+def test_eval_only_from_init_from_without_checkpoints_evaluates_the_pretrained_model(
+        finished, tiny_gpt2, tmp_path):
+    root, _, _, _ = finished
+    status, printed = main_output([f"--init_from={tiny_gpt2[0]}", "--seq_len=16", "--mem_slots=8",
+                                   "--mem_width=8", "--num_reads=2", "--eval_only=true",
+                                   f"--data_dir={root / 'data'}", f"--cache_dir={root / 'cache'}",
+                                   f"--save_dir={tmp_path}/none", f"--plot_dir={tmp_path}/p"])
+    assert status == 0
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()
+            if line.strip().startswith(("Perplexity", "Top-1"))}
+    assert rows["Perplexity"][2] == rows["Perplexity"][3]  # zero read_proj: the same model
+    assert float(rows["Perplexity"][2]) > 1000  # a random tiny GPT-2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_only_without_final_checkpoints_says_so(tmp_path, capsys):

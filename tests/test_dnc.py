@@ -249,10 +249,36 @@ def test_update_usage(seed):
     assert rel_err(got, expected) <= TOL
 
 
+# Usages the uniform draws never produce: the fresh state (all zero), ties (broken by slot
+# index, since naive_allocation's sort is stable), exact zeros and ones mixed, all full.
+SPECIAL_USAGES = {
+    "fresh": [[0.0] * N] * B,
+    "ties": [[0.5, 0.2, 0.5, 0.2, 0.9, 0.2, 0.5],
+             [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3],
+             [0.7, 0.1, 0.4, 0.4, 0.1, 0.7, 0.4]],
+    "zeros_and_ones": [[1.0, 0.0, 0.5, 0.0, 1.0, 0.25, 0.0],
+                       [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0],
+                       [0.0, 1.0, 0.6, 0.6, 1.0, 0.0, 0.3]],
+    "full": [[1.0] * N] * B,
+}
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_allocation_weights(seed):
     usage = np.random.default_rng(seed).uniform(0.01, 0.99, (B, N))
     assert rel_err(D.allocation_weights(t(usage)), per_batch(naive_allocation, usage)) <= TOL
+
+
+@pytest.mark.parametrize("case", SPECIAL_USAGES)
+def test_allocation_weights_at_zeros_ties_and_ones(case):
+    usage = np.array(SPECIAL_USAGES[case])
+    got = D.allocation_weights(t(usage))
+    torch.testing.assert_close(got, t(per_batch(naive_allocation, usage)), rtol=0, atol=1e-15)
+    # the fresh state allocates all of the first slot; a full memory allocates nothing
+    if case == "fresh":
+        assert torch.equal(got, F.one_hot(torch.zeros(B, dtype=torch.long), N).double())
+    if case == "full":
+        assert torch.equal(got, torch.zeros(B, N, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -346,11 +372,18 @@ def test_usage_reaches_both_ends_over_chain():
     assert usage.max() > 0.75 and usage.min() < 0.1
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_allocation_prefers_least_used_slot(seed):
-    usage = torch.tensor(np.random.default_rng(seed).uniform(0.01, 0.99, (B, N)))
+@pytest.mark.parametrize("case", [*SEEDS, "fresh", "ties", "zeros_and_ones"])
+def test_allocation_prefers_least_used_slot(case):
+    if case in SPECIAL_USAGES:
+        usage = t(SPECIAL_USAGES[case])
+    else:
+        usage = torch.tensor(np.random.default_rng(case).uniform(0.01, 0.99, (B, N)))
     alloc = D.allocation_weights(usage)
-    assert torch.equal(alloc.argmax(-1), usage.argmin(-1))
+    # a[φ_1] = 1 − u[φ_1] > a[φ_j] for j > 1 while u[φ_1] < 1, so the maximum is unique and
+    # lies on the least used slot; of tied least used slots, the one of lowest index
+    first_least_used = torch.tensor([row.index(min(row)) for row in usage.tolist()])
+    assert torch.equal(alloc.argmax(-1), first_least_used)
+    assert (alloc.max(-1).values > alloc.topk(2, -1).values[:, 1]).all()
 
 
 def test_full_erase_one_hot_write_replaces_row():
@@ -465,19 +498,58 @@ def test_initial_state(links):
         assert (value == 0).all(), field
 
 
+def naive_interface(h, weight, bias, cfg, links):
+    """The activated interface of one token from the projection's weights, field by field in
+    the layout of DNCInterface: h (B, hidden) float64 arrays -> dict of arrays."""
+    n_w, n_r = cfg.mem_width, cfg.num_reads
+    z = h @ weight.T + bias
+    names = ["write_key", "write_strength", "erase_vector", "write_vector", "free_gates",
+             "allocation_gate", "write_gate", "read_keys", "read_strengths"]
+    sizes = [n_w, 1, n_w, n_w, n_r, 1, 1, n_r * n_w, n_r]
+    if links:
+        names, sizes = names + ["read_modes"], sizes + [3 * n_r]
+    raw, start = {}, 0
+    for name, size in zip(names, sizes):
+        raw[name], start = z[:, start:start + size], start + size
+    assert start == z.shape[1]  # no field left over
+    return dict(write_key=raw["write_key"], write_strength=oneplus(raw["write_strength"]),
+                erase_vector=sigmoid(raw["erase_vector"]), write_vector=raw["write_vector"],
+                free_gates=sigmoid(raw["free_gates"]),
+                allocation_gate=sigmoid(raw["allocation_gate"]),
+                write_gate=sigmoid(raw["write_gate"]),
+                read_keys=raw["read_keys"].reshape(-1, n_r, n_w),
+                read_strengths=oneplus(raw["read_strengths"]),
+                read_modes=np_softmax(raw["read_modes"].reshape(-1, n_r, 3)) if links else None)
+
+
 @LINKS
-def test_forward_equals_manual_loop(links):
+def test_scan_matches_the_naive_reference_token_by_token(links):
+    """DNCMemory.scan (interface layer, time loop, every dnc_step) against the naive step run
+    from the fresh state, over several tokens, with gates spread wide enough (h scaled by 3)
+    that writes, frees and allocation all change from token to token."""
     cfg, mem = tiny_memory(links, torch.float64)
-    h = random_h(cfg, batch=2, length=6, dtype=torch.float64)
+    length = 7
+    h = random_h(cfg, batch=B, length=length, dtype=torch.float64)
     with torch.no_grad():
-        reads, gate, ww = mem(h)
-        state = mem.initial_state(2, h.device, h.dtype)
-        for step in range(h.shape[1]):
-            iface = mem.interface(h[:, step])
-            r, state = D.dnc_step(state, iface)
-            assert rel_err(reads[:, step], r.numpy()) <= 1e-10
-            assert rel_err(gate[:, step], iface.write_gate[:, 0].numpy()) <= 1e-10
-            assert rel_err(ww[:, step], state.write_weights.numpy()) <= 1e-10
+        reads, gate, ww, final = mem.scan(h)
+    weight = mem.interface_proj.weight.detach().numpy()
+    bias = mem.interface_proj.bias.detach().numpy()
+    n, r, w = cfg.mem_slots, cfg.num_reads, cfg.mem_width
+    state = dict(memory=np.zeros((B, n, w)), usage=np.zeros((B, n)),
+                 write_weights=np.zeros((B, n)), read_weights=np.zeros((B, r, n)),
+                 link=np.zeros((B, n, n)) if links else None,
+                 precedence=np.zeros((B, n)) if links else None)
+    gates = []
+    for step in range(length):
+        iface = naive_interface(h[:, step].numpy(), weight, bias, cfg, links)
+        expected_reads, state = naive_dnc_step(state, iface, links)
+        gates.append(iface["write_gate"][:, 0])
+        assert rel_err(reads[:, step], expected_reads) <= TOL, step
+        assert rel_err(ww[:, step], state["write_weights"]) <= TOL, step
+    assert rel_err(gate, np.stack(gates, 1)) <= TOL
+    assert_step_matches(reads[:, -1], final, expected_reads, state, TOL)
+    # the chain is not trivial: the usage of some slot has risen well above zero
+    assert final.usage.max() > 0.3
 
 
 # ----------------------------------------------------------------------------------------
@@ -496,3 +568,93 @@ def test_memory_is_causal(links, k):
     for a, b in zip(before, after):
         assert (a[:, :k] - b[:, :k]).abs().max() <= 1e-6
         assert (a[:, k:] - b[:, k:]).abs().max() > 1e-6  # the change does reach position k
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Gradients of the whole step: float64 gradcheck
+# ----------------------------------------------------------------------------------------
+
+def gradcheck_step(state, ifaces, state_fields=()):
+    """gradcheck of dnc_step chained over the interfaces `ifaces` from `state`, with respect to
+    every interface field and the named state fields (the rest of the state held fixed), of
+    the reads of every step and the final state."""
+    i_fields = [k for k in D.DNCInterface._fields if getattr(ifaces[0], k) is not None]
+    inputs = [getattr(state, k).clone().requires_grad_() for k in state_fields]
+    inputs += [getattr(i, k).clone().requires_grad_() for i in ifaces for k in i_fields]
+
+    def chained(*xs):
+        s = state._replace(**dict(zip(state_fields, xs)))
+        xs, reads = xs[len(state_fields):], []
+        for _ in ifaces:
+            read, s = D.dnc_step(s, D.DNCInterface(**{
+                **dict.fromkeys(D.DNCInterface._fields), **dict(zip(i_fields, xs))}))
+            xs, reads = xs[len(i_fields):], reads + [read]
+        return (*reads, *(x for x in s if x is not None))
+
+    return torch.autograd.gradcheck(chained, inputs, raise_exception=False)
+
+
+@LINKS
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradcheck_at_random_states(links, seed):
+    rng = np.random.default_rng(seed)
+    state = to_torch(random_state(rng, links), D.DNCState)
+    iface = to_torch(random_interface(rng, links), D.DNCInterface)
+    fields = [k for k in STATE_FIELDS if getattr(state, k) is not None]
+    assert gradcheck_step(state, [iface], fields)
+
+
+@LINKS
+def test_gradcheck_from_the_fresh_state(links):
+    """Training starts every sequence from the all-zero state, which is held fixed; what must
+    be differentiable there is the chain of steps in the interfaces. After the first write
+    every slot but the first holds the same usage (content weights over an all-zero memory
+    are uniform), so the second step sorts exactly tied usages; they stay tied under any
+    change of the interfaces, so the chain is smooth and gradcheck applies."""
+    rng = np.random.default_rng(0)
+    ifaces = [to_torch(random_interface(rng, links), D.DNCInterface) for _ in range(2)]
+    _, first = D.dnc_step(zero_state(links), ifaces[0])
+    usage = D.update_usage(first.usage, first.write_weights, first.read_weights,
+                           ifaces[1].free_gates)
+    assert (usage[:, 1:] == usage[:, 1:2]).all() and (usage[:, 0] != usage[:, 1]).all()
+    assert gradcheck_step(zero_state(links), ifaces)
+
+
+@LINKS
+def test_tied_usages_as_an_input_give_the_ordered_one_sided_gradient(links):
+    """With the usage itself as the input, exact ties are a point where the sort, and so the
+    allocation, is discontinuous: moving one tied usage up by any ε > 0 sends its slot from
+    the head of the free list to behind the others (the fresh state: a jumps from [1, 0, ...]
+    to [0, 1, 0, ...]), so no derivative exists there and gradcheck's finite differences
+    must disagree with any backward. What the backward returns at the tie is the derivative
+    with the ties broken by slot index, the order of the forward (stable sort): the limit of
+    the gradient at usages that rise with the index as their gaps shrink to zero. Those
+    nearby points are well defined and pass gradcheck."""
+    rng = np.random.default_rng(2)
+    iface = to_torch(random_interface(rng, links), D.DNCInterface)
+    tied = zero_state(links)
+    reads, new = D.dnc_step(tied, iface)
+    naive_reads, naive_state = naive_dnc_step(
+        {k: None if v is None else v.numpy() for k, v in tied._asdict().items()},
+        {k: None if v is None else v.numpy() for k, v in iface._asdict().items()}, links)
+    torch.testing.assert_close(reads, t(naive_reads), rtol=0, atol=1e-12)
+    for field in STATE_FIELDS:
+        if naive_state[field] is not None:
+            torch.testing.assert_close(getattr(new, field), t(naive_state[field]),
+                                       rtol=0, atol=1e-12)
+    assert torch.equal(new.write_weights.argmax(-1), torch.zeros(B, dtype=torch.long))
+    assert not gradcheck_step(tied, [iface], ["usage"])
+
+    def usage_jacobian(usage):
+        return torch.autograd.functional.jacobian(
+            lambda u: D.dnc_step(tied._replace(usage=u), iface)[1].write_weights, usage)
+
+    def ordered(gap):
+        return tied._replace(usage=gap * torch.arange(N, dtype=torch.float64).repeat(B, 1))
+
+    assert gradcheck_step(ordered(1e-3), [iface], ["usage"])
+    at_tie = usage_jacobian(tied.usage)
+    assert at_tie.abs().max() > 0.1
+    for gap in (1e-4, 1e-6):
+        torch.testing.assert_close(usage_jacobian(ordered(gap).usage), at_tie,
+                                   rtol=0, atol=gap)

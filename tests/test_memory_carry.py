@@ -1,6 +1,11 @@
 """DNC state carried across segments (carry_memory)."""
+import functools
+import json
+import math
+
 import pytest
 import torch
+import torch.nn as nn
 
 import dnc_gpt2 as D
 
@@ -60,15 +65,47 @@ def test_a_fact_in_segment_one_changes_the_reads_in_segment_three(links):
     torch.testing.assert_close(reads[0][1], reads[1][1], rtol=0, atol=0)
 
 
-def test_without_carry_segment_three_is_blind_to_segment_one():
-    cfg = D.Config(**TINY)
-    model = D.build_model(cfg, True).eval()
+class Recorder(nn.Module):
+    """The model, keeping every output it returns to train_step or evaluate."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.outputs = model, []
+
+    def forward(self, *args, **kwargs):
+        self.outputs.append(self.model(*args, **kwargs))
+        return self.outputs[-1]
+
+
+def third_segment_logits(ids, cfg, path):
+    """Segment 3's logits when the first three segments of the rows go, in order, through one
+    training step (as its micro-batches) or through evaluate()."""
+    model = D.build_model(cfg, True)
+    runner = Recorder(model)
+    batches = segments(ids, cfg)[:3]
+    if path == "train_step":
+        D.train_step(runner, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                     torch.amp.GradScaler("cpu", enabled=False), batches, cfg, D.StopFlag(),
+                     torch.device("cpu"))
+    else:
+        D.evaluate(runner, batches, carry=cfg.carry_memory)
+    assert len(runner.outputs) == 3
+    return runner.outputs[2].logits.detach()
+
+
+@pytest.mark.parametrize("path", ["train_step", "evaluate"])
+def test_without_carry_segment_three_is_blind_to_segment_one(path):
     ids = torch.randint(0, 97, (2 * 40 + 1,), generator=torch.Generator().manual_seed(1))
     changed = ids.clone()
-    changed[2] = (changed[2] + 5) % 97
-    with torch.no_grad():
-        third = [model(segments(s, cfg)[2][:, :-1]).logits for s in (ids, changed)]
-    torch.testing.assert_close(third[0], third[1], rtol=0, atol=0)
+    changed[2] = (changed[2] + 5) % 97  # in segment 1 of row 0, which segment 3 never attends to
+    for carry in (False, True):
+        cfg = D.Config(**{**TINY, "carry_memory": carry})
+        before, after = (third_segment_logits(s, cfg, path) for s in (ids, changed))
+        torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)  # rows are independent
+        if carry:  # the control: the carried state does bring segment 1 into segment 3
+            assert (after[0] - before[0]).abs().max() > 1e-6
+        else:
+            torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("length, rows", [(81, 2), (100, 3), (37, 4), (9, 2), (5, 8)])
@@ -88,25 +125,47 @@ def test_rows_are_contiguous_and_segments_follow_each_other():
         assert torch.equal(a[:, -1], b[:, 0])
 
 
-def test_training_steps_carry_the_state_and_detach_at_the_boundary():
+def test_training_steps_carry_the_state_and_detach_at_the_boundary(record_interfaces):
     cfg = D.Config(**TINY, bptt_segments=2)
     model = D.build_model(cfg, True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    units = D.training_units(torch.randint(0, 97, (200,)), cfg)
-    batches = D.micro_batches(units, cfg, 1, D.steps_in_epoch(units, cfg))
+    units = D.training_units(torch.randint(0, 97, (200,), generator=torch.Generator()
+                                           .manual_seed(0)), cfg)
+    steps = D.steps_in_epoch(units, cfg)
+    batches = D.micro_batches(units, cfg, 1, steps)
     assert len(batches) == 2 and torch.equal(batches[0][:, -1], batches[1][:, 0])
     with torch.no_grad():  # the expected loss: segment 2 starts from segment 1's final state
         first = model(batches[0][:, :-1])
         second = model(batches[1][:, :-1], memory_state=first.memory_state)
         expected = [D.compute_loss(o, b[:, 1:], cfg)[1]["lm"]
                     for o, b in ((first, batches[0]), (second, batches[1]))]
+    interfaces = record_interfaces(model)
+    # segment 1's own loss, with its weight in the step (half: both segments have 16 targets):
+    # what segment 1's interface would get if the state were detached between the segments
+    own = D.compute_loss(model(batches[0][:, :-1]), batches[0][:, 1:], cfg)[0] / 2
+    fields = [f for f in D.DNCInterface._fields if getattr(interfaces[0], f) is not None]
+    own_grads = torch.autograd.grad(own, [getattr(interfaces[0], f) for f in fields])
+    interfaces.clear()
+
     sums, _, state = D.train_step(model, model, optimizer, scaler, batches, cfg, D.StopFlag(),
                                   torch.device("cpu"))
     assert sums["lm"] / sums["tokens"] == pytest.approx(sum(expected) / 2, rel=1e-6)
     assert not state.memory.requires_grad  # detached at the step boundary
     torch.testing.assert_close(state.memory, second.memory_state.memory, rtol=0, atol=1e-6)
     torch.testing.assert_close(state.usage, second.memory_state.usage, rtol=0, atol=1e-6)
+    # within the step, segment 2's loss reaches segment 1's interface through the state
+    assert len(interfaces) == 2
+    for field, own_grad in zip(fields, own_grads):
+        got = getattr(interfaces[0], field).grad
+        assert (got - own_grad).abs().max() > 1e-3 * own_grad.abs().max(), field
+    step_one = {f: getattr(interfaces[0], f).grad.clone() for f in fields}
+    # across the step boundary, none: step 2's backward leaves step 1's gradients as they were
+    D.train_step(model, model, optimizer, scaler, D.micro_batches(units, cfg, 2, steps), cfg,
+                 D.StopFlag(), torch.device("cpu"), state)
+    assert len(interfaces) == 4 and interfaces[2].write_vector.grad.abs().max() > 0
+    for field in fields:
+        assert torch.equal(getattr(interfaces[0], field).grad, step_one[field]), field
 
 
 def test_resuming_mid_epoch_keeps_the_carried_state(tmp_path):
@@ -133,3 +192,60 @@ def test_resuming_mid_epoch_keeps_the_carried_state(tmp_path):
             split["history"]["val"][-1]["loss"], abs=1e-6)
         for key, value in whole["model_state_dict"].items():
             torch.testing.assert_close(split["model_state_dict"][key], value, rtol=0, atol=1e-6)
+
+
+def test_recall_preset_end_to_end_reports_accuracy_per_distance(tmp_path, monkeypatch):
+    """recall.json's numbers per distance against a recomputation by hand from the FINAL
+    checkpoints: each test episode fed segment by segment, the DNC state carried through
+    them, each 4-digit code scored at its answer targets."""
+    # the numbers are the subject here: the plots (test_recall's end-to-end test checks them)
+    # and a second load of the tokenizer are most of the run's time
+    for plot in ("plot_training_curves", "plot_memory_writes", "plot_recall"):
+        monkeypatch.setattr(D, plot, lambda *args: None)
+    monkeypatch.setattr(D, "load_tokenizer", functools.cache(D.load_tokenizer))
+    args = ["--preset=recall", "--hidden_size=32", "--num_layers=1", "--num_heads=2",
+            "--mem_slots=8", "--mem_width=8", "--max_steps=1", "--save_every_steps=1",
+            "--recall_distances=20", "--recall_test_distances=20,70",
+            f"--save_dir={tmp_path}/ckpt", f"--plot_dir={tmp_path}/plots",
+            f"--cache_dir={tmp_path}/cache"]
+    assert D.main(args) == 0
+    report = json.loads((tmp_path / "plots" / "recall.json").read_text())["distances"]
+    cfg = D.config_from_args(args)
+    task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts)
+    test = task.split("test", [20, 70])
+    assert set(report) == {"20", "70"}
+    for name, model in D.final_models(cfg, torch.device("cpu")).items():
+        for distance, episodes in test.items():
+            nll, hit, row_of = [], [], []
+            for rows in torch.arange(len(episodes.ids)).split(cfg.batch_size):  # as evaluated
+                state = None
+                for start in range(0, episodes.answers.shape[1], cfg.seq_len):
+                    ids = episodes.ids[rows, start:start + cfg.seq_len + 1]
+                    answers = episodes.answers[rows, start:start + cfg.seq_len]
+                    # logits at the answers only, in row-major order (test_recall checks that
+                    # they are the full logits there)
+                    with torch.no_grad():
+                        out = model(ids[:, :-1], memory_state=state, scored=answers)
+                    state = out.memory_state
+                    log_p = torch.log_softmax(out.logits, -1)  # fp32, as reported
+                    targets = ids[:, 1:][answers]
+                    nll.append(-log_p.gather(-1, targets[:, None])[:, 0].double())
+                    hit.append(log_p.argmax(-1) == targets)
+                    row_of.append(rows[answers.nonzero()[:, 0]])
+            # back to each row's answers in time order: 4 digits of one query after another
+            order = torch.sort(torch.cat(row_of), stable=True).indices
+            code_nll = torch.cat(nll)[order].view(-1, 4).sum(-1)
+            exact = torch.cat(hit)[order].view(-1, 4).all(-1)
+            n, k = len(exact), int(exact.sum())
+            p, z = k / n, 1.96
+            centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+            half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+            row = report[str(distance)][name]
+            assert row["queries"] == n == cfg.recall_facts * D.RECALL_EVAL_EPISODES["test"]
+            assert row["exact"] == pytest.approx(k / n, abs=1e-12)
+            # near initialisation the carried memory moves the code's NLL (about 43 nats) by
+            # little (5e-5 at distance 20, 6e-6 at 70), hence the tolerance: the same batches
+            # in the same precision leave only the order of the sums to differ
+            assert row["answer_nll"] == pytest.approx(code_nll.mean().item(), rel=0, abs=1e-9)
+            assert row["low"] == pytest.approx(max(0.0, centre - half), abs=1e-12)
+            assert row["high"] == pytest.approx(min(1.0, centre + half), abs=1e-12)

@@ -1,8 +1,11 @@
 """Model tests: causality (memory included), gradient flow, paired init, shapes, size."""
 import copy
+import dataclasses
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dnc_gpt2 as D
 
@@ -68,6 +71,23 @@ def test_gradients_reach_every_parameter(links, record_interfaces):
         if field == "read_modes" and not links:
             continue
         assert any(v.grad is not None and v.grad.count_nonzero() > 0 for v in values), field
+
+    # The checks above pass even with the state detached at every token: each token's own
+    # write-then-read and the auxiliary losses reach every parameter. The interface of token
+    # t' feeds position t' alone, so the loss at a later token t reaches it only through the
+    # DNC state carried from t' to t.
+    out = model(ids[:, :-1])
+    iface = ifaces[-1]
+    fields = [f for f in D.DNCInterface._fields if getattr(iface, f) is not None]
+    t = cfg.seq_len - 4
+    loss_t = F.cross_entropy(out.logits[:, t], ids[:, t + 1])
+    grads = dict(zip(fields, torch.autograd.grad(loss_t, [getattr(iface, f) for f in fields])))
+    for field, grad in grads.items():
+        per_token = grad.abs().flatten(2).amax(-1)  # (B, T)
+        assert per_token[:, :t].max() > 0, field  # some earlier token, every field
+        assert per_token[:, t + 1:].max() == 0, field  # no later one
+    # every earlier token's write vector (stored in every slot: content weights are > 0)
+    assert (grads["write_vector"].abs().amax(-1)[:, :t] > 0).all()
 
 
 @LINKS
@@ -140,12 +160,35 @@ def test_realistic_small_forward_backward(links):
     cfg = D.Config(hidden_size=128, num_layers=2, num_heads=4, seq_len=64, temporal_links=links)
     model = D.build_model(cfg, True).train()
     ids = random_ids(cfg, length=cfg.seq_len + 1)
-    total, parts = D.compute_loss(model(ids[:, :-1]), ids[:, 1:], cfg)
+    out = model(ids[:, :-1])
+    B, T, V, N, W = 2, cfg.seq_len, cfg.vocab_size, cfg.mem_slots, cfg.mem_width
+    assert out.logits.shape == out.nomem_logits.shape == (B, T, V)
+    assert out.write_gate.shape == (B, T) and out.write_weights.shape == (B, T, N)
+    assert out.memory_state.memory.shape == (B, N, W)
+    total, parts = D.compute_loss(out, ids[:, 1:], cfg)
     total.backward()
-    assert torch.isfinite(total)
     assert set(parts) == {"lm", "routing", "entropy"}
-    assert all(torch.isfinite(torch.tensor(v)) for v in parts.values())
+    # at GPT-2's initialisation (std 0.02) the logits are nearly equal: the loss is ln V
+    assert parts["lm"] == pytest.approx(math.log(V), abs=0.05)
+    assert 0 < parts["routing"] < 1 and 0 < parts["entropy"] <= 1
+    assert torch.isfinite(total)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    # With read_proj at zero the DNC model computes the baseline's logits, and with
+    # controller_grad = 0 its memory losses do not reach GPT-2: the same dropout masks then
+    # give every GPT-2 parameter the baseline's gradient, bit for bit.
+    zero = dataclasses.replace(cfg, zero_read_proj=True)
+    grads = []
+    for use_dnc in (False, True):
+        paired = D.build_model(zero, use_dnc).train()
+        torch.manual_seed(0)
+        paired_out = paired(ids[:, :-1])
+        D.compute_loss(paired_out, ids[:, 1:], zero)[0].backward()
+        grads.append({n: p.grad for n, p in paired.transformer.named_parameters()})
+    assert paired_out.write_gate is not None  # the second model is the DNC one
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+    assert min(g.norm() for g in grads[0].values()) > 0
 
 
 @pytest.mark.parametrize("stride", [2, 3])
@@ -225,6 +268,35 @@ def test_controller_grad_scales_only_the_gradient_into_gpt2(scale):
     assert max(g.abs().max() for g in full.values()) > 1e-4
     for name in full:
         torch.testing.assert_close(scaled[name], scale * full[name], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("controller_grad", [0.0, 1.0])
+def test_the_routing_loss_reaches_gpt2_only_through_controller_grad(controller_grad):
+    """The routing loss trains the write gate. Its target is detached, so the logits carry
+    none of its gradient; the gate reads GPT-2's hidden state through the interface, so the
+    gradient reaches GPT-2's trunk exactly as far as controller_grad lets it."""
+    cfg = tiny_cfg(False, controller_grad=controller_grad, lambda_routing=1.0,
+                   lambda_entropy=0.0)
+    model = D.build_model(cfg, True).train()
+    ids = random_ids(cfg, length=cfg.seq_len + 1)
+    out = model(ids[:, :-1])
+    params = dict(model.named_parameters())
+    grads = []
+    for lam in (0.0, 1.0):
+        total, _ = D.compute_loss(out, ids[:, 1:], dataclasses.replace(cfg, lambda_routing=lam))
+        grads.append(dict(zip(params, torch.autograd.grad(
+            total, list(params.values()), retain_graph=True, materialize_grads=True))))
+    changed = {n for n in params if not torch.equal(grads[0][n], grads[1][n])}
+    trunk = {f"transformer.{n}" for n, _ in model.transformer.named_parameters()}
+    gate_row = model.memory.write_gate_index
+    rows = (grads[1]["memory.interface_proj.weight"]
+            != grads[0]["memory.interface_proj.weight"]).any(-1).nonzero()[:, 0].tolist()
+    assert rows == [gate_row]  # within the interface, the write gate's row alone
+    if controller_grad == 0:
+        assert changed == {"memory.interface_proj.weight", "memory.interface_proj.bias"}
+    else:
+        assert changed - trunk == {"memory.interface_proj.weight", "memory.interface_proj.bias"}
+        assert trunk <= changed  # every GPT-2 parameter below the memory gains its gradient
 
 
 def test_zero_read_proj_makes_the_dnc_model_the_baseline_at_step_0_and_then_learns():

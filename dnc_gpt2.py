@@ -1944,22 +1944,18 @@ class LiveView:
             self.writer.close()
 
 
-def plot_training_curves(histories, path):
-    """Dark theme; CE loss and top-1 accuracy vs step; train thin, validation dashed + markers."""
+@contextlib.contextmanager
+def curve_panels(path, titles):
+    """Two dark panels, loss and top-1 accuracy against step, saved atomically to path on exit:
+    yields (axis, metric key) pairs for the caller to draw into."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with plt.style.context("dark_background"):
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-        for ax, key, title in ((axes[0], "loss", "Cross-entropy loss (nats)"),
-                               (axes[1], "top1_acc", "Top-1 accuracy")):
-            for name, history in histories.items():
-                train, val = history["train"], history["val"]
-                ax.plot([r["step"] for r in train], [r[key] for r in train], lw=0.9, alpha=0.8,
-                        color=COLORS[name], label=f"{name} train")
-                ax.plot([r["step"] for r in val], [r[key] for r in val], "--o", lw=1.6, ms=5,
-                        color=COLORS[name], label=f"{name} validation")
+        yield list(zip(axes, ("loss", "top1_acc")))
+        for ax, title in zip(axes, titles):
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.2)
@@ -1967,6 +1963,18 @@ def plot_training_curves(histories, path):
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         plt.close(fig)
+
+
+def plot_training_curves(histories, path):
+    """CE loss and top-1 accuracy vs step; train thin, validation dashed + markers."""
+    with curve_panels(path, ("Cross-entropy loss (nats)", "Top-1 accuracy")) as panels:
+        for ax, key in panels:
+            for name, history in histories.items():
+                train, val = history["train"], history["val"]
+                ax.plot([r["step"] for r in train], [r[key] for r in train], lw=0.9, alpha=0.8,
+                        color=COLORS[name], label=f"{name} train")
+                ax.plot([r["step"] for r in val], [r[key] for r in val], "--o", lw=1.6, ms=5,
+                        color=COLORS[name], label=f"{name} validation")
 
 
 def plot_memory_writes(tokens, gates, write_weights, path):
@@ -2108,14 +2116,9 @@ def save_results_json(payload, path):
 
 def plot_seed_curves(histories_by_seed, path):
     """Each model's validation loss and top-1 accuracy, mean over seeds with a min-max band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with plt.style.context("dark_background"):
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-        for ax, key, title in ((axes[0], "loss", "Validation cross-entropy (nats)"),
-                               (axes[1], "top1_acc", "Validation top-1 accuracy")):
+    titles = ("Validation cross-entropy (nats)", "Validation top-1 accuracy")
+    with curve_panels(path, titles) as panels:
+        for ax, key in panels:
             for name in MODEL_NAMES:
                 runs = [h[name]["val"] for h in histories_by_seed.values()]
                 steps = [r["step"] for r in runs[0]]
@@ -2124,13 +2127,6 @@ def plot_seed_curves(histories_by_seed, path):
                                 color=COLORS[name], lw=0)
                 ax.plot(steps, values.mean(0), "-o", ms=4, color=COLORS[name],
                         label=f"{name}, mean of {len(runs)} seeds (band: min-max)")
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.2)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-        plt.close(fig)
 
 
 def recall_table(base, dnc):

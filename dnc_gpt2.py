@@ -67,6 +67,7 @@ class Config:
     write_gate_bias: float = 0.0
     read_strength_bias: float = 0.0
     memory_layer: int = 0
+    dnc_kernel: str = "auto"
     # training
     epochs: int = 1
     max_steps: int = 0
@@ -179,6 +180,11 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "earlier token read; 0 (or num_layers): after the last block, at the LM head, the "
         "reference design. Below the head there is no read-free prediction, so "
         "`lambda_routing` must be 0 and `mem_kl` is not reported"),
+    "dnc_kernel": (
+        "auto: the DNC loop over tokens as one fused C++ operation with a hand-written "
+        "backward, built on first use, where it can be built and the model is on the CPU, "
+        "else the eager loop with one line saying so; fused: the C++ scan or an error; eager: "
+        "one `dnc_step` per token under autograd, the reference"),
     "epochs": "used when max_steps = 0",
     "max_steps": "> 0 overrides epochs",
     "batch_size": "sequences per step",
@@ -238,7 +244,7 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "cache_dir": "token ids, keyed by the hash of the text",
     "inspect_tokens": "tokens shown in the memory write inspection",
     "device": "auto, cpu, cuda or cuda:K",
-    "use_compile": "`torch.compile`",
+    "use_compile": "`torch.compile` (of GPT-2, and of `dnc_step` when the DNC loop is eager)",
     "compile_mode": "passed to `torch.compile`",
     "num_gpus": (
         "up to 2 GPUs with `nn.DataParallel` (0 or 1: no DataParallel); cannot be combined "
@@ -416,6 +422,7 @@ def hardware_summary(cfg):
         parts.append(f"nn.DataParallel over {resolve_num_gpus(cfg)} GPUs")
     if cfg.use_compile:
         parts.append(f"torch.compile mode {cfg.compile_mode}")
+    parts.append(f"DNC loop {scan_route(cfg.dnc_kernel, device.type)}")
     return ", ".join(parts)
 
 
@@ -539,6 +546,13 @@ def validate_config(cfg):
             raise ConfigError(f"--{name}: {problem}")
     if resolve_device(cfg).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={cfg.device}: no CUDA GPU on this machine; use --device=cpu")
+    if cfg.dnc_kernel not in ("auto", "fused", "eager"):
+        raise ConfigError(f"--dnc_kernel={cfg.dnc_kernel}: use auto, fused or eager")
+    if cfg.dnc_kernel == "fused":
+        if resolve_device(cfg).type != "cpu":
+            raise ConfigError("--dnc_kernel=fused: the fused scan runs on the CPU only; use "
+                              "--dnc_kernel=auto or eager on a GPU")
+        scan_route("fused", "cpu")  # builds it now, so that a failed build stops here
     if cfg.precision in ("bf16", "fp16") and resolve_device(cfg).type != "cuda":
         raise ConfigError(f"--precision={cfg.precision}: mixed precision is for CUDA GPUs; this "
                           f"run is on the CPU, use --precision=auto or fp32")
@@ -987,6 +1001,487 @@ def dnc_step(state, iface):
     return read_memory(memory, read_weights), new_state
 
 
+# The fused scan (dnc_kernel): the loop of dnc_step over T tokens, forward and backward, as one
+# C++ operation. The eager loop builds ~150 autograd nodes per token, and at these sizes their
+# overhead, not arithmetic, is most of a DNC step; the kernel runs the same equations in plain
+# loops over one batch row at a time and keeps what its hand-written backward needs. The eager
+# loop stays the reference (tests compare the two) and the fallback.
+
+DNC_SCAN_CPP = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+// One batch row's DNC scan over T tokens, forward and backward, in plain loops: every
+// function below works on raw pointers of one row, so a CUDA version could run them with
+// one thread block per row. Shapes: N slots, W width, R read heads. The equations are those
+// of dnc_step in the Python above; the comments name the Python function each block mirrors.
+
+struct Sizes { int64_t T, N, W, R; bool links; double eps; };
+
+// content_weights: c_n = softmax_n(beta * <k, M_n> / (|k| |M_n| + eps))
+template <typename T>
+static void content_forward(const T* M, const T* k, T beta, const Sizes& s, T* c) {
+  T kn = 0;
+  for (int64_t j = 0; j < s.W; ++j) kn += k[j] * k[j];
+  kn = std::sqrt(kn);
+  T zmax = -std::numeric_limits<T>::infinity();
+  for (int64_t n = 0; n < s.N; ++n) {
+    T dot = 0, mn = 0;
+    for (int64_t j = 0; j < s.W; ++j) { dot += k[j] * M[n * s.W + j]; mn += M[n * s.W + j] * M[n * s.W + j]; }
+    c[n] = beta * dot / (kn * std::sqrt(mn) + T(s.eps));
+    zmax = std::max(zmax, c[n]);
+  }
+  T sum = 0;
+  for (int64_t n = 0; n < s.N; ++n) { c[n] = std::exp(c[n] - zmax); sum += c[n]; }
+  for (int64_t n = 0; n < s.N; ++n) c[n] /= sum;
+}
+
+// the gradient of content_forward: adds into gk, gbeta and gM
+template <typename T>
+static void content_backward(const T* M, const T* k, T beta, const T* c, const T* gc,
+                             const Sizes& s, T* gk, T* gbeta, T* gM) {
+  T kn = 0;
+  for (int64_t j = 0; j < s.W; ++j) kn += k[j] * k[j];
+  kn = std::sqrt(kn);
+  T cgc = 0;
+  for (int64_t n = 0; n < s.N; ++n) cgc += c[n] * gc[n];
+  T gkn = 0;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const T* row = M + n * s.W;
+    T dot = 0, mn = 0;
+    for (int64_t j = 0; j < s.W; ++j) { dot += k[j] * row[j]; mn += row[j] * row[j]; }
+    mn = std::sqrt(mn);
+    T denom = kn * mn + T(s.eps);
+    T gz = c[n] * (gc[n] - cgc);  // softmax
+    *gbeta += gz * dot / denom;
+    T gs = beta * gz;
+    T gdot = gs / denom, gdenom = -gs * dot / (denom * denom);
+    gkn += gdenom * mn;
+    T gmn = gdenom * kn;
+    T scale = mn > 0 ? gmn / mn : T(0);  // the norm's subgradient at 0 is 0, as in torch
+    for (int64_t j = 0; j < s.W; ++j) {
+      gk[j] += gdot * row[j];
+      gM[n * s.W + j] += gdot * k[j] + scale * row[j];
+    }
+  }
+  if (kn > 0)
+    for (int64_t j = 0; j < s.W; ++j) gk[j] += gkn * k[j] / kn;
+}
+
+// Pointers to one row's interface at token t: the activated fields of DNCInterface.
+template <typename T>
+struct Iface {
+  const T *kw, *bw, *e, *v, *f, *ga, *gw, *kr, *br, *pi;
+  Iface(const std::vector<at::Tensor>& x, int64_t b, int64_t t, const Sizes& s) {
+    int64_t bt = b * s.T + t;
+    kw = x[0].data_ptr<T>() + bt * s.W; bw = x[1].data_ptr<T>() + bt;
+    e = x[2].data_ptr<T>() + bt * s.W; v = x[3].data_ptr<T>() + bt * s.W;
+    f = x[4].data_ptr<T>() + bt * s.R; ga = x[5].data_ptr<T>() + bt;
+    gw = x[6].data_ptr<T>() + bt; kr = x[7].data_ptr<T>() + bt * s.R * s.W;
+    br = x[8].data_ptr<T>() + bt * s.R;
+    pi = s.links ? x[9].data_ptr<T>() + bt * s.R * 3 : nullptr;
+  }
+};
+
+// The state after token t of row b, as pointers into the (B, T + 1, ...) histories; t = 0
+// is the initial state.
+template <typename T>
+struct State {
+  T *M, *u, *ww, *wr, *L, *p;
+  State(const std::vector<at::Tensor>& h, int64_t b, int64_t t, const Sizes& s) {
+    int64_t bt = b * (s.T + 1) + t;
+    M = h[0].data_ptr<T>() + bt * s.N * s.W; u = h[1].data_ptr<T>() + bt * s.N;
+    ww = h[2].data_ptr<T>() + bt * s.N; wr = h[3].data_ptr<T>() + bt * s.R * s.N;
+    L = s.links ? h[4].data_ptr<T>() + bt * s.N * s.N : nullptr;
+    p = s.links ? h[5].data_ptr<T>() + bt * s.N : nullptr;
+  }
+};
+
+// What the backward needs beyond the states, per (b, t): allocation a, free list phi,
+// write content c^w, read content c^r, forward and backward weights.
+template <typename T>
+struct Saved {
+  T *a, *cw, *cr, *fw, *bw; int64_t* phi;
+  Saved(const std::vector<at::Tensor>& x, int64_t b, int64_t t, const Sizes& s) {
+    int64_t bt = b * s.T + t;
+    a = x[0].data_ptr<T>() + bt * s.N; cw = x[1].data_ptr<T>() + bt * s.N;
+    cr = x[2].data_ptr<T>() + bt * s.R * s.N;
+    fw = s.links ? x[3].data_ptr<T>() + bt * s.R * s.N : nullptr;
+    bw = s.links ? x[4].data_ptr<T>() + bt * s.R * s.N : nullptr;
+    phi = x[5].data_ptr<int64_t>() + bt * s.N;
+  }
+};
+
+// dnc_step for row b at token t: reads the state at t, writes the state at t + 1.
+template <typename T>
+static void step_forward(const Iface<T>& x, const State<T>& o, const State<T>& n,
+                         const Saved<T>& k, T* read, const Sizes& s) {
+  const int64_t N = s.N, W = s.W, R = s.R;
+  for (int64_t i = 0; i < N; ++i) {  // update_usage
+    T psi = 1;
+    for (int64_t r = 0; r < R; ++r) psi *= 1 - x.f[r] * o.wr[r * N + i];
+    n.u[i] = (o.u[i] + o.ww[i] - o.u[i] * o.ww[i]) * psi;
+  }
+  std::iota(k.phi, k.phi + N, 0);  // allocation_weights: the stable ascending sort
+  std::stable_sort(k.phi, k.phi + N, [&](int64_t a, int64_t b) { return n.u[a] < n.u[b]; });
+  T prod = 1;
+  for (int64_t j = 0; j < N; ++j) {
+    T uj = n.u[k.phi[j]];
+    k.a[k.phi[j]] = (1 - uj) * prod;
+    prod *= uj;
+  }
+  content_forward(o.M, x.kw, *x.bw, s, k.cw);  // write_weighting
+  for (int64_t i = 0; i < N; ++i)
+    n.ww[i] = *x.gw * (*x.ga * k.a[i] + (1 - *x.ga) * k.cw[i]);
+  for (int64_t i = 0; i < N; ++i)  // write_memory
+    for (int64_t j = 0; j < W; ++j)
+      n.M[i * W + j] = o.M[i * W + j] * (1 - n.ww[i] * x.e[j]) + n.ww[i] * x.v[j];
+  for (int64_t r = 0; r < R; ++r) content_forward(n.M, x.kr + r * W, x.br[r], s, k.cr + r * N);
+  if (!s.links) {
+    std::copy(k.cr, k.cr + R * N, n.wr);
+  } else {
+    T total = 0;  // update_links
+    for (int64_t i = 0; i < N; ++i) total += n.ww[i];
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j)
+        n.L[i * N + j] = i == j ? T(0)
+            : (1 - n.ww[i] - n.ww[j]) * o.L[i * N + j] + n.ww[i] * o.p[j];
+    for (int64_t i = 0; i < N; ++i) n.p[i] = (1 - total) * o.p[i] + n.ww[i];
+    for (int64_t r = 0; r < R; ++r)  // directional_weights, then the read modes
+      for (int64_t i = 0; i < N; ++i) {
+        T fw = 0, bw = 0;
+        for (int64_t m = 0; m < N; ++m) {
+          fw += o.wr[r * N + m] * n.L[i * N + m];
+          bw += o.wr[r * N + m] * n.L[m * N + i];
+        }
+        k.fw[r * N + i] = fw;
+        k.bw[r * N + i] = bw;
+        const T* pi = x.pi + r * 3;
+        n.wr[r * N + i] = pi[0] * bw + pi[1] * k.cr[r * N + i] + pi[2] * fw;
+      }
+  }
+  for (int64_t r = 0; r < R; ++r)  // read_memory
+    for (int64_t j = 0; j < W; ++j) {
+      T acc = 0;
+      for (int64_t i = 0; i < N; ++i) acc += n.wr[r * N + i] * n.M[i * W + j];
+      read[r * W + j] = acc;
+    }
+}
+
+// The gradient of one step. g holds the gradient of the state at t + 1 on entry and of the
+// state at t on exit (gM, gu, gww, gwr, gL, gp, each one row's worth); gx receives the
+// gradients of token t's interface.
+template <typename T>
+struct Grads {
+  std::vector<T> M, u, ww, wr, L, p;
+  explicit Grads(const Sizes& s)
+      : M(s.N * s.W), u(s.N), ww(s.N), wr(s.R * s.N), L(s.links ? s.N * s.N : 0),
+        p(s.links ? s.N : 0) {}
+};
+
+template <typename T>
+static void step_backward(const Iface<T>& x, const State<T>& o, const State<T>& n,
+                          const Saved<T>& k, const T* gread, const T* gww_out, Grads<T>& g,
+                          Grads<T>& prev, const Iface<T>& gx, const Sizes& s) {
+  const int64_t N = s.N, W = s.W, R = s.R;
+  std::fill(prev.M.begin(), prev.M.end(), T(0));
+  std::fill(prev.u.begin(), prev.u.end(), T(0));
+  std::fill(prev.ww.begin(), prev.ww.end(), T(0));
+  std::fill(prev.wr.begin(), prev.wr.end(), T(0));
+  std::fill(prev.L.begin(), prev.L.end(), T(0));
+  std::fill(prev.p.begin(), prev.p.end(), T(0));
+  T* gkw = const_cast<T*>(gx.kw); T* gbw = const_cast<T*>(gx.bw);
+  T* ge = const_cast<T*>(gx.e); T* gv = const_cast<T*>(gx.v); T* gf = const_cast<T*>(gx.f);
+  T* gga = const_cast<T*>(gx.ga); T* ggw = const_cast<T*>(gx.gw);
+  T* gkr = const_cast<T*>(gx.kr); T* gbr = const_cast<T*>(gx.br);
+  T* gpi = const_cast<T*>(gx.pi);
+  for (int64_t i = 0; i < N; ++i) g.ww[i] += gww_out[i];
+  for (int64_t r = 0; r < R; ++r)  // read_memory
+    for (int64_t i = 0; i < N; ++i) {
+      T acc = 0;
+      for (int64_t j = 0; j < W; ++j) {
+        acc += gread[r * W + j] * n.M[i * W + j];
+        g.M[i * W + j] += n.wr[r * N + i] * gread[r * W + j];
+      }
+      g.wr[r * N + i] += acc;
+    }
+  std::vector<T> gcr(R * N);
+  if (!s.links) {
+    std::copy(g.wr.begin(), g.wr.end(), gcr.begin());
+  } else {
+    for (int64_t r = 0; r < R; ++r) {  // read modes and directional_weights
+      const T* pi = x.pi + r * 3;
+      T gb = 0, gc = 0, gfw = 0;
+      for (int64_t i = 0; i < N; ++i) {
+        T gwr = g.wr[r * N + i];
+        gb += gwr * k.bw[r * N + i]; gc += gwr * k.cr[r * N + i]; gfw += gwr * k.fw[r * N + i];
+        gcr[r * N + i] = pi[1] * gwr;
+        T gforward = pi[2] * gwr, gbackward = pi[0] * gwr;
+        for (int64_t m = 0; m < N; ++m) {
+          prev.wr[r * N + m] += gforward * n.L[i * N + m] + gbackward * n.L[m * N + i];
+          g.L[i * N + m] += gforward * o.wr[r * N + m];
+          g.L[m * N + i] += gbackward * o.wr[r * N + m];
+        }
+      }
+      gpi[r * 3] = gb; gpi[r * 3 + 1] = gc; gpi[r * 3 + 2] = gfw;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    gbr[r] = 0;
+    std::fill(gkr + r * W, gkr + (r + 1) * W, T(0));
+    content_backward(n.M, x.kr + r * W, x.br[r], k.cr + r * N, gcr.data() + r * N, s,
+                     gkr + r * W, gbr + r, g.M.data());
+  }
+  if (s.links) {  // update_links
+    T total = 0, gtotal = 0;
+    for (int64_t i = 0; i < N; ++i) { total += n.ww[i]; gtotal -= g.p[i] * o.p[i]; }
+    for (int64_t i = 0; i < N; ++i) {
+      prev.p[i] += (1 - total) * g.p[i];
+      g.ww[i] += g.p[i] + gtotal;
+    }
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        if (i == j) continue;
+        T gl = g.L[i * N + j], lo = o.L[i * N + j];
+        prev.L[i * N + j] = (1 - n.ww[i] - n.ww[j]) * gl;
+        g.ww[i] += gl * (o.p[j] - lo);
+        g.ww[j] -= gl * lo;
+        prev.p[j] += gl * n.ww[i];
+      }
+  }
+  for (int64_t j = 0; j < W; ++j) { ge[j] = 0; gv[j] = 0; }
+  for (int64_t i = 0; i < N; ++i) {  // write_memory
+    T acc = 0;
+    for (int64_t j = 0; j < W; ++j) {
+      T gm = g.M[i * W + j], mo = o.M[i * W + j];
+      prev.M[i * W + j] += gm * (1 - n.ww[i] * x.e[j]);
+      acc += gm * (x.v[j] - mo * x.e[j]);
+      ge[j] -= gm * mo * n.ww[i];
+      gv[j] += gm * n.ww[i];
+    }
+    g.ww[i] += acc;
+  }
+  std::vector<T> ga(N), gcw(N);  // write_weighting
+  T gw = *x.gw, al = *x.ga;
+  *ggw = 0; *gga = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    *ggw += g.ww[i] * (al * k.a[i] + (1 - al) * k.cw[i]);
+    *gga += g.ww[i] * gw * (k.a[i] - k.cw[i]);
+    ga[i] = g.ww[i] * gw * al;
+    gcw[i] = g.ww[i] * gw * (1 - al);
+  }
+  *gbw = 0;
+  std::fill(gkw, gkw + W, T(0));
+  content_backward(o.M, x.kw, *x.bw, k.cw, gcw.data(), s, gkw, gbw, prev.M.data());
+  // allocation_weights: a_(j) = (1 - u_(j)) P_j with P_j = prod_{i<j} u_(i) in sorted order;
+  // dL/du_(m) = P_m (Q_m - ga_(m)), Q_m = sum_{k>m} ga_(k) (1 - u_(k)) prod_{m<i<k} u_(i),
+  // accumulated from the back without dividing by a usage that may be zero
+  std::vector<T> P(N);
+  T prod = 1;
+  for (int64_t j = 0; j < N; ++j) { P[j] = prod; prod *= n.u[k.phi[j]]; }
+  T Q = 0;
+  for (int64_t m = N - 1; m >= 0; --m) {
+    int64_t slot = k.phi[m];
+    g.u[slot] += P[m] * (Q - ga[slot]);
+    Q = ga[slot] * (1 - n.u[slot]) + n.u[slot] * Q;
+  }
+  for (int64_t r = 0; r < R; ++r) gf[r] = 0;
+  for (int64_t i = 0; i < N; ++i) {  // update_usage
+    T psi = 1;
+    for (int64_t r = 0; r < R; ++r) psi *= 1 - x.f[r] * o.wr[r * N + i];
+    T kept = o.u[i] + o.ww[i] - o.u[i] * o.ww[i];
+    T gpsi = g.u[i] * kept;
+    prev.u[i] += g.u[i] * psi * (1 - o.ww[i]);
+    prev.ww[i] += g.u[i] * psi * (1 - o.u[i]);
+    for (int64_t r = 0; r < R; ++r) {
+      T others = 1;  // the product over the other heads, without dividing
+      for (int64_t q = 0; q < R; ++q)
+        if (q != r) others *= 1 - x.f[q] * o.wr[q * N + i];
+      gf[r] -= gpsi * others * o.wr[r * N + i];
+      prev.wr[r * N + i] -= gpsi * others * x.f[r];
+    }
+  }
+  std::swap(g, prev);
+}
+
+// T, R and the links from the interface; N and W from a memory (..., N, W)
+static Sizes sizes_of(const std::vector<at::Tensor>& iface, const at::Tensor& memory,
+                      double eps) {
+  bool links = iface[9].numel() > 0;
+  return Sizes{iface[0].size(1), memory.size(-2), memory.size(-1), iface[4].size(2), links, eps};
+}
+
+// Forward over all T tokens. iface: the 10 DNCInterface fields (B, T, ...), read_modes empty
+// without links; state: the 6 DNCState fields at t = 0, link and precedence empty without
+// links. Returns reads (B, T, R, W), the states at t = 0..T (B, T + 1, ...) and what the
+// backward needs.
+std::vector<at::Tensor> scan_forward(std::vector<at::Tensor> iface, std::vector<at::Tensor> state,
+                                     double eps) {
+  for (auto& x : iface) x = x.contiguous();
+  const at::Tensor& M0 = state[0];
+  Sizes s = sizes_of(iface, M0, eps);
+  const int64_t B = M0.size(0), T = s.T, N = s.N, W = s.W, R = s.R;
+  auto opt = M0.options();
+  std::vector<at::Tensor> hist = {
+      at::empty({B, T + 1, N, W}, opt), at::empty({B, T + 1, N}, opt),
+      at::empty({B, T + 1, N}, opt), at::empty({B, T + 1, R, N}, opt),
+      at::empty({B, s.links ? T + 1 : 0, N, N}, opt), at::empty({B, s.links ? T + 1 : 0, N}, opt)};
+  for (int f = 0; f < 6; ++f)
+    if (hist[f].numel()) hist[f].select(1, 0).copy_(state[f]);
+  std::vector<at::Tensor> saved = {
+      at::empty({B, T, N}, opt), at::empty({B, T, N}, opt), at::empty({B, T, R, N}, opt),
+      at::empty({B, s.links ? T : 0, R, N}, opt), at::empty({B, s.links ? T : 0, R, N}, opt),
+      at::empty({B, T, N}, opt.dtype(at::kLong))};
+  at::Tensor reads = at::empty({B, T, R, W}, opt);
+  AT_DISPATCH_FLOATING_TYPES(M0.scalar_type(), "dnc_scan_forward", [&] {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          step_forward<scalar_t>(Iface<scalar_t>(iface, b, t, s), State<scalar_t>(hist, b, t, s),
+                                 State<scalar_t>(hist, b, t + 1, s),
+                                 Saved<scalar_t>(saved, b, t, s),
+                                 reads.data_ptr<scalar_t>() + (b * T + t) * R * W, s);
+    });
+  });
+  std::vector<at::Tensor> out = {reads};
+  out.insert(out.end(), hist.begin(), hist.end());
+  out.insert(out.end(), saved.begin(), saved.end());
+  return out;
+}
+
+// Backward over all T tokens, from the last to the first. grad_reads (B, T, R, W),
+// grad_ww (B, T, N) for the per-token write weights, grad_final: the 6 fields of the final
+// state. Returns the gradients of the 10 interface fields and of the 6 initial state fields.
+std::vector<at::Tensor> scan_backward(std::vector<at::Tensor> iface, std::vector<at::Tensor> hist,
+                                      std::vector<at::Tensor> saved, at::Tensor grad_reads,
+                                      at::Tensor grad_ww, std::vector<at::Tensor> grad_final,
+                                      double eps) {
+  for (auto& x : iface) x = x.contiguous();
+  grad_reads = grad_reads.contiguous();
+  grad_ww = grad_ww.contiguous();
+  Sizes s = sizes_of(iface, hist[0], eps);
+  const int64_t B = hist[0].size(0), T = s.T, N = s.N, W = s.W, R = s.R;
+  std::vector<at::Tensor> giface;
+  for (auto& x : iface) giface.push_back(at::zeros_like(x));
+  std::vector<at::Tensor> ginit;
+  for (int f = 0; f < 6; ++f) ginit.push_back(at::zeros_like(grad_final[f]));
+  for (auto& x : grad_final) x = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(hist[0].scalar_type(), "dnc_scan_backward", [&] {
+    using T_ = scalar_t;
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Grads<T_> g(s), prev(s);
+      std::vector<T_>* fields[6] = {&g.M, &g.u, &g.ww, &g.wr, &g.L, &g.p};
+      for (int64_t b = begin; b < end; ++b) {
+        for (int f = 0; f < 6; ++f) {
+          auto& v = *fields[f];
+          if (v.empty()) continue;
+          const T_* src = grad_final[f].data_ptr<T_>() + b * int64_t(v.size());
+          std::copy(src, src + v.size(), v.begin());
+        }
+        for (int64_t t = T - 1; t >= 0; --t)
+          step_backward<T_>(Iface<T_>(iface, b, t, s), State<T_>(hist, b, t, s),
+                            State<T_>(hist, b, t + 1, s), Saved<T_>(saved, b, t, s),
+                            grad_reads.data_ptr<T_>() + (b * T + t) * R * W,
+                            grad_ww.data_ptr<T_>() + (b * T + t) * N, g, prev,
+                            Iface<T_>(giface, b, t, s), s);
+        std::vector<T_>* done[6] = {&g.M, &g.u, &g.ww, &g.wr, &g.L, &g.p};
+        for (int f = 0; f < 6; ++f) {
+          auto& v = *done[f];
+          if (v.empty()) continue;
+          std::copy(v.begin(), v.end(), ginit[f].data_ptr<T_>() + b * int64_t(v.size()));
+        }
+      }
+    });
+  });
+  std::vector<at::Tensor> out = giface;
+  out.insert(out.end(), ginit.begin(), ginit.end());
+  return out;
+}
+"""
+
+_FUSED_SCAN = {}  # the loaded extension, or the reason it could not be built, once per process
+
+
+def fused_scan_extension():
+    """The compiled scan (built on first use, then cached by torch under TORCH_EXTENSIONS_DIR,
+    keyed by the source's hash), or a string saying why it cannot be built."""
+    if "module" not in _FUSED_SCAN:
+        from torch.utils.cpp_extension import load_inline
+
+        if importlib.util.find_spec("ninja"):  # requirements.txt's ninja, venv active or not
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        name = "dnc_scan_" + hashlib.sha256(DNC_SCAN_CPP.encode()).hexdigest()[:12]
+        try:
+            _FUSED_SCAN["module"] = load_inline(
+                name, cpp_sources=[DNC_SCAN_CPP], functions=["scan_forward", "scan_backward"],
+                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as error:  # a missing compiler, ninja or Python header: fall back
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            _FUSED_SCAN["module"] = f"{type(error).__name__}: {lines[-1]}"
+    return _FUSED_SCAN["module"]
+
+
+def scan_route(kernel, device_type):
+    """dnc_kernel resolved for tensors on device_type: "fused" or "eager"."""
+    if kernel == "eager" or device_type != "cpu":  # validate_config refuses fused on a GPU
+        return "eager"
+    module = fused_scan_extension()
+    if not isinstance(module, str):
+        return "fused"
+    if kernel == "fused":
+        raise ConfigError(f"--dnc_kernel=fused: the C++ scan could not be built ({module}); "
+                          "install g++ and ninja (requirements.txt), or use --dnc_kernel=eager")
+    if "warned" not in _FUSED_SCAN:
+        _FUSED_SCAN["warned"] = True
+        print(f"dnc_kernel=auto: the eager DNC loop, since the fused scan could not be built "
+              f"({module})", file=sys.stderr)
+    return "eager"
+
+
+class FusedScan(torch.autograd.Function):
+    """Inputs: the 10 DNCInterface fields over T tokens (B, T, ...; the three scalar gates and
+    β^w as (B, T)), then the 6 DNCState fields; absent link fields are empty tensors. Outputs:
+    reads (B, T, R, W), write weights (B, T, N), the 6 fields of the final state."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        iface, state = list(inputs[:10]), list(inputs[10:])
+        out = fused_scan_extension().scan_forward(iface, state, COSINE_EPS)
+        reads, states, saved = out[0], out[1:7], out[7:]
+        ctx.save_for_backward(*iface, *states, *saved)
+        final = [x[:, -1].clone() if x.numel() else x.new_empty(0) for x in states]
+        return reads, states[2][:, 1:].clone(), *final
+
+    @staticmethod
+    def backward(ctx, grad_reads, grad_write_weights, *grad_final):
+        saved = ctx.saved_tensors
+        return tuple(fused_scan_extension().scan_backward(
+            list(saved[:10]), list(saved[10:16]), list(saved[16:]), grad_reads,
+            grad_write_weights, list(grad_final), COSINE_EPS))
+
+
+def fused_scan(state, iface):
+    """The loop of dnc_step over all tokens of iface in one call: reads (B, T, R, W), write
+    weights (B, T, N) and the final state, equal to the eager loop's."""
+    empty = iface.write_key.new_empty(0)
+    gates = (iface.write_strength, iface.allocation_gate, iface.write_gate)
+    b_w, g_a, g_w = (x[..., 0] for x in gates)
+    inputs = [iface.write_key, b_w, iface.erase_vector, iface.write_vector, iface.free_gates,
+              g_a, g_w, iface.read_keys, iface.read_strengths, iface.read_modes]
+    inputs += list(state)
+    reads, write_weights, *final = FusedScan.apply(
+        *(empty if x is None else x for x in inputs))
+    final = [None if old is None else new for old, new in zip(state, final)]
+    return reads, write_weights, DNCState(*final)
+
+
 class DNCMemory(nn.Module):
     """The interface layer from the controller output h_t, and the loop of dnc_step over tokens."""
 
@@ -1003,6 +1498,7 @@ class DNCMemory(nn.Module):
         # use_compile compiles one step on its own and keeps the loop over tokens in Python:
         # the compiler then neither unrolls T steps nor recompiles per step (shapes are fixed)
         self.step = torch.compile(dnc_step, dynamic=False) if cfg.use_compile else dnc_step
+        self.kernel = cfg.dnc_kernel
 
     def interface(self, h):
         """Activated interface values from hidden states of any leading shape (..., hidden)."""
@@ -1033,16 +1529,24 @@ class DNCMemory(nn.Module):
         iface = self.interface(h)  # one matmul and one set of activations for all T tokens
         if state is None:
             state = self.initial_state(h.shape[0], h.device, h.dtype)
+        if scan_route(self.kernel, h.device.type) == "fused":
+            reads, write_weights, state = fused_scan(state, iface)
+        else:
+            reads, write_weights, state = self.eager_scan(state, iface)
+        return reads, iface.write_gate[..., 0], write_weights, state
+
+    def eager_scan(self, state, iface):
+        """The reference loop, one dnc_step per token, differentiated by autograd."""
         # unbind, not x[:, t]: its backward stacks T gradients once instead of adding T
         # full-length zero-padded ones
-        steps = zip(*(x.unbind(1) if x is not None else [None] * h.shape[1] for x in iface))
+        steps = zip(*(x.unbind(1) if x is not None else [None] * iface.write_key.shape[1]
+                      for x in iface))
         reads, write_weights = [], []
         for step in steps:
             read, state = self.step(state, DNCInterface(*step))
             reads.append(read)
             write_weights.append(state.write_weights)
-        gates = iface.write_gate[..., 0]
-        return torch.stack(reads, 1), gates, torch.stack(write_weights, 1), state
+        return torch.stack(reads, 1), torch.stack(write_weights, 1), state
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════

@@ -4,6 +4,11 @@
     python tests/bench_speed.py --cases=train --repeats=7
     python tests/bench_speed.py --cases=train --routing_stride=4     # the approximate option
     python tests/bench_speed.py --device=cuda --cases=train,train_compiled --no_peak  # a GPU
+    python tests/bench_speed.py --cases=loop,loop_links,loop_small --kernels=fused
+
+Every model case runs once per --kernels entry (Config.dnc_kernel: fused, eager). The loop
+cases time the DNC's scan alone (DNCMemory.scan on random hidden states), forward and
+forward + backward, fused against eager, interleaved.
 
 Prints one JSON line per case, then a table. Each ratio compares the two models measured
 interleaved (baseline, DNC, baseline, DNC, ...) in the same process, so machine noise hits
@@ -42,11 +47,12 @@ SMALL = dict(hidden_size=128, num_layers=2, num_heads=4, mem_slots=32, mem_width
              num_reads=2, batch_size=8, seq_len=64)
 
 
-def case_config(case, routing_stride, device="auto"):
-    """train | eval, then optionally _small (recall sizes), _links, _compiled."""
+def case_config(case, routing_stride, device="auto", kernel="auto"):
+    """train | eval | loop, then optionally _small (recall sizes), _links, _compiled."""
     return dnc_gpt2.Config(temporal_links="_links" in case, routing_stride=routing_stride,
                            use_compile=case.endswith("_compiled"), compile_mode="default",
-                           device=device, **(SMALL if "_small" in case else {}))
+                           device=device, dnc_kernel=kernel,
+                           **(SMALL if "_small" in case else {}))
 
 
 def synchronize(device):
@@ -101,10 +107,44 @@ def time_interleaved(cfg, repeats, kind):
             **({"first_step_s": [round(s, 1) for s in first_s]} if cfg.use_compile else {})}
 
 
+def time_loop(cfg, repeats):
+    """The DNC's scan alone at cfg's sizes: median seconds of the forward, and of forward and
+    backward, eager and fused interleaved, with the same memory and hidden states."""
+    device = dnc_gpt2.resolve_device(cfg)
+    torch.manual_seed(0)
+    memory = dnc_gpt2.DNCMemory(cfg).to(device)
+    h = torch.randn(cfg.batch_size, cfg.seq_len, cfg.hidden_size, device=device,
+                    requires_grad=True)
+
+    def forward():
+        with torch.no_grad():
+            memory.scan(h)
+        synchronize(device)
+
+    def forward_backward():
+        reads, _, write_weights, _ = memory.scan(h)
+        (reads.square().sum() + write_weights.sum()).backward()
+        synchronize(device)
+
+    times = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for kernel in ("eager", "fused"):
+            memory.kernel = kernel
+            for name, fn in (("fwd", forward), ("fwd_bwd", forward_backward)):
+                start = time.perf_counter()
+                fn()
+                times.setdefault(f"{kernel}_{name}_s", []).append(time.perf_counter() - start)
+    result = {k: round(statistics.median(v[1:]), 4) for k, v in times.items()}
+    for name in ("fwd", "fwd_bwd"):
+        result[f"{name}_speedup"] = round(result[f"eager_{name}_s"] / result[f"fused_{name}_s"], 2)
+    return {**result, "repeats": repeats}
+
+
 def peak_in_fresh_process(case, use_dnc, args):
     """Peak RSS (MiB) of a new process that builds one model and runs two of its steps."""
     command = [sys.executable, __file__, f"--peak_of={case}:{int(use_dnc)}",
-               f"--routing_stride={args.routing_stride}", f"--device={args.device}"] + (
+               f"--routing_stride={args.routing_stride}", f"--device={args.device}",
+               f"--kernels={args.kernels}"] + (
                   ["--malloc_default"] if args.malloc_default else [])
     return round(float(subprocess.run(command, capture_output=True, text=True,
                                       check=True).stdout.split()[-1]))
@@ -130,12 +170,15 @@ def time_data_load():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--cases",
-                        default="train,train_links,eval,eval_links,train_small,train_compiled,"
+                        default="train,train_links,eval,eval_links,train_small,"
+                                "train_small_links,train_compiled,loop,loop_links,loop_small,"
                                 "data_load")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--routing_stride", type=int, default=1, help="Config.routing_stride")
     parser.add_argument("--device", default="auto", help="Config.device: auto, cpu or cuda")
+    parser.add_argument("--kernels", default="fused,eager",
+                        help="Config.dnc_kernel values to run each model case with")
     parser.add_argument("--malloc_default", action="store_true",
                         help="leave glibc's malloc as is (dnc_gpt2.main calls keep_freed_memory)")
     parser.add_argument("--no_peak", action="store_true", help="skip the peak-memory processes")
@@ -147,7 +190,7 @@ def main():
         dnc_gpt2.keep_freed_memory()
     if args.peak_of:
         case, use_dnc = args.peak_of.split(":")
-        cfg = case_config(case, args.routing_stride, args.device)
+        cfg = case_config(case, args.routing_stride, args.device, args.kernels.split(",")[0])
         step = make_stepper(cfg, use_dnc == "1", case.split("_")[0])
         step()
         step()
@@ -165,22 +208,33 @@ def main():
     results = []
     for case in args.cases.split(","):
         if case == "data_load":
-            result = time_data_load()
-        else:
+            results.append({"case": case, **time_data_load()})
+        elif case.startswith("loop"):
             cfg = case_config(case, args.routing_stride, args.device)
+            results.append({"case": case, **time_loop(cfg, args.repeats)})
+        for kernel in args.kernels.split(",") if case.split("_")[0] in ("train", "eval") else []:
+            cfg = case_config(case, args.routing_stride, args.device, kernel)
             result = time_interleaved(cfg, args.repeats, case.split("_")[0])
             if not args.no_peak and not cfg.use_compile:
-                result.update(baseline_peak_rss_mib=peak_in_fresh_process(case, False, args),
-                              dnc_peak_rss_mib=peak_in_fresh_process(case, True, args))
-        results.append({"case": case, **result})
-        print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'case':<16}{'baseline s':>11}{'DNC s':>9}{'ratio':>7}{'DNC tok/s':>11}"
+                one = argparse.Namespace(**{**vars(args), "kernels": kernel})
+                result.update(baseline_peak_rss_mib=peak_in_fresh_process(case, False, one),
+                              dnc_peak_rss_mib=peak_in_fresh_process(case, True, one))
+            results.append({"case": case, "kernel": kernel, **result})
+            print(json.dumps(results[-1]), flush=True)
+        if not case.split("_")[0] in ("train", "eval"):
+            print(json.dumps(results[-1]), flush=True)
+    print(f"\n{'case':<16}{'kernel':>7}{'baseline s':>11}{'DNC s':>9}{'ratio':>7}{'DNC tok/s':>11}"
           f"{'peak MiB b/d':>15}")
     for r in results:
         if "ratio" in r:
             peaks = f"{r.get('baseline_peak_rss_mib', '-')}/{r.get('dnc_peak_rss_mib', '-')}"
-            print(f"{r['case']:<16}{r['baseline_s']:>11.3f}{r['dnc_s']:>9.3f}{r['ratio']:>7.3f}"
-                  f"{r['dnc_tok_s']:>11.0f}{peaks:>15}")
+            print(f"{r['case']:<16}{r['kernel']:>7}{r['baseline_s']:>11.3f}{r['dnc_s']:>9.3f}"
+                  f"{r['ratio']:>7.3f}{r['dnc_tok_s']:>11.0f}{peaks:>15}")
+        elif "fwd_speedup" in r:
+            print(f"{r['case']:<16} DNC scan alone, eager / fused: forward "
+                  f"{r['eager_fwd_s']:.4f} / {r['fused_fwd_s']:.4f} s "
+                  f"(x{r['fwd_speedup']}), forward + backward {r['eager_fwd_bwd_s']:.4f} / "
+                  f"{r['fused_fwd_bwd_s']:.4f} s (x{r['fwd_bwd_speedup']})")
         elif "first_s" in r:
             print(f"{r['case']:<16} first {r['first_s']:.2f} s, cached {r['cached_s']:.3f} s, "
                   f"{r['tokens']:,} tokens")

@@ -5,6 +5,7 @@ The reference below is written from the equations in the API contract with plain
 loops over one batch element, so it shares no vectorisation (and no bugs of one) with
 dnc_gpt2.py.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ B, N, W, R = 3, 7, 5, 3
 SEEDS = [0, 1, 2, 3]
 TOL = 1e-6
 LINKS = pytest.mark.parametrize("links", [False, True], ids=["links_off", "links_on"])
+KERNELS = pytest.mark.parametrize("kernel", ["eager", "fused"])  # dnc_kernel of the scan
 STATE_FIELDS = ["memory", "usage", "write_weights", "read_weights", "link", "precedence"]
 
 
@@ -435,14 +437,15 @@ def test_float32_preserved_and_close_to_float64(links):
 # 4. DNCMemory module
 # ----------------------------------------------------------------------------------------
 
-def tiny_cfg(links):
+def tiny_cfg(links, kernel="eager"):
     return D.Config(hidden_size=32, num_layers=2, num_heads=2, mem_slots=8, mem_width=6,
-                    num_reads=3, seq_len=16, vocab_size=97, dropout=0.0, temporal_links=links)
+                    num_reads=3, seq_len=16, vocab_size=97, dropout=0.0, temporal_links=links,
+                    dnc_kernel=kernel)
 
 
-def tiny_memory(links, dtype=torch.float32):
+def tiny_memory(links, dtype=torch.float32, kernel="eager"):
     torch.manual_seed(0)
-    cfg = tiny_cfg(links)
+    cfg = tiny_cfg(links, kernel)
     return cfg, D.DNCMemory(cfg).to(dtype).eval()
 
 
@@ -522,12 +525,13 @@ def naive_interface(h, weight, bias, cfg, links):
                 read_modes=np_softmax(raw["read_modes"].reshape(-1, n_r, 3)) if links else None)
 
 
+@KERNELS
 @LINKS
-def test_scan_matches_the_naive_reference_token_by_token(links):
+def test_scan_matches_the_naive_reference_token_by_token(links, kernel):
     """DNCMemory.scan (interface layer, time loop, every dnc_step) against the naive step run
     from the fresh state, over several tokens, with gates spread wide enough (h scaled by 3)
     that writes, frees and allocation all change from token to token."""
-    cfg, mem = tiny_memory(links, torch.float64)
+    cfg, mem = tiny_memory(links, torch.float64, kernel)
     length = 7
     h = random_h(cfg, batch=B, length=length, dtype=torch.float64)
     with torch.no_grad():
@@ -556,10 +560,11 @@ def test_scan_matches_the_naive_reference_token_by_token(links):
 # 5. Causality of the memory alone
 # ----------------------------------------------------------------------------------------
 
+@KERNELS
 @LINKS
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_memory_is_causal(links, k):
-    cfg, mem = tiny_memory(links)
+def test_memory_is_causal(links, k, kernel):
+    cfg, mem = tiny_memory(links, kernel=kernel)
     h = random_h(cfg, batch=2, length=6)
     changed = h.clone()
     changed[:, k] += torch.randn(2, cfg.hidden_size, generator=torch.Generator().manual_seed(9))
@@ -658,3 +663,163 @@ def test_tied_usages_as_an_input_give_the_ordered_one_sided_gradient(links):
     for gap in (1e-4, 1e-6):
         torch.testing.assert_close(usage_jacobian(ordered(gap).usage), at_tie,
                                    rtol=0, atol=gap)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. The fused scan (dnc_kernel=fused): one C++ operation with a hand-written backward
+# ----------------------------------------------------------------------------------------
+
+def random_scan_interface(rng, links, batch, length, width=W, reads=R, gate_scale=3.0):
+    """Activated interface fields over `length` tokens (batch, length, ...), gates spread
+    wide (scale 3) so that writes, frees and allocation change from token to token."""
+    n = rng.standard_normal
+    bt = (batch, length)
+    return dict(write_key=n(bt + (width,)), write_strength=oneplus(n(bt + (1,))),
+                erase_vector=sigmoid(n(bt + (width,))), write_vector=n(bt + (width,)),
+                free_gates=sigmoid(gate_scale * n(bt + (reads,))),
+                allocation_gate=sigmoid(gate_scale * n(bt + (1,))),
+                write_gate=sigmoid(gate_scale * n(bt + (1,))),
+                read_keys=n(bt + (reads, width)), read_strengths=oneplus(n(bt + (reads,))),
+                read_modes=np_softmax(n(bt + (reads, 3))) if links else None)
+
+
+def looped_scan(state, iface):
+    """The reference: dnc_step token by token (the loop written here, not DNCMemory's)."""
+    reads, write_weights = [], []
+    for k in range(iface.write_key.shape[1]):
+        read, state = D.dnc_step(state, D.DNCInterface(
+            *(None if x is None else x[:, k] for x in iface)))
+        reads.append(read)
+        write_weights.append(state.write_weights)
+    return torch.stack(reads, 1), torch.stack(write_weights, 1), state
+
+
+def scan_outputs(scan, state, iface):
+    reads, write_weights, final = scan(state, iface)
+    return (reads, write_weights, *(x for x in final if x is not None))
+
+
+def leaves(named_tuple):
+    return named_tuple._replace(**{k: v.clone().requires_grad_() for k, v in
+                                   named_tuple._asdict().items() if v is not None})
+
+
+def present(named_tuple):
+    return [v for v in named_tuple if v is not None]
+
+
+@LINKS
+@pytest.mark.parametrize("start", ["fresh", "random"])
+def test_fused_scan_gradcheck(links, start):
+    """float64 gradcheck of the whole fused scan over 4 tokens: the gradients of every
+    interface field of every token, and (from a random state) of every state field, for the
+    reads, the write weights and the final state. The fresh state is held fixed: its usages
+    are exactly tied (see test_gradcheck_from_the_fresh_state)."""
+    rng = np.random.default_rng(11)
+    iface = leaves(to_torch(random_scan_interface(rng, links, B, 4), D.DNCInterface))
+    state = zero_state(links)
+    if start == "random":
+        state = leaves(to_torch(random_state(rng, links), D.DNCState))
+    inputs = present(iface) + (present(state) if start == "random" else [])
+    n_iface = len(present(iface))
+
+    def fused(*xs):
+        fields = iter(xs)
+        i = iface._replace(**{k: next(fields) for k, v in iface._asdict().items() if v is not None})
+        s = state
+        if start == "random":
+            s = state._replace(**{k: next(fields) for k, v in state._asdict().items()
+                                  if v is not None})
+        return scan_outputs(D.fused_scan, s, i)
+
+    assert len(inputs) > n_iface or start == "fresh"
+    assert torch.autograd.gradcheck(fused, inputs, raise_exception=False)
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@LINKS
+def test_fused_scan_equals_the_eager_loop_in_float32_at_the_default_sizes(links):
+    """At Config's default sizes (N 64, W 128, R 4, 4 x 128 tokens) from a random state: the
+    reads, write weights, final state and the gradient of every input (every interface field
+    and every state field) agree with the loop of dnc_step within 1e-5 relative."""
+    cfg = D.Config()
+    batch, length, n, w, r = cfg.batch_size, cfg.seq_len, cfg.mem_slots, cfg.mem_width, cfg.num_reads
+    rng = np.random.default_rng(3)
+    iface = to_torch(random_scan_interface(rng, links, batch, length, w, r), D.DNCInterface,
+                     torch.float32)
+    mem = D.DNCMemory(dataclasses.replace(cfg, temporal_links=links))
+    start = mem.initial_state(batch)
+    state = D.DNCState(*(None if x is None else torch.rand(x.shape, generator=torch.Generator()
+                                                          .manual_seed(k)) / x.shape[-1]
+                         for k, x in enumerate(start)))
+    results = []
+    for scan in (looped_scan, D.fused_scan):
+        i, s = leaves(iface), leaves(state)
+        outputs = scan_outputs(scan, s, i)
+        gen = torch.Generator().manual_seed(0)
+        loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outputs)
+        grads = torch.autograd.grad(loss, present(i) + present(s))
+        results.append([o.detach() for o in outputs] + list(grads))
+    assert len(results[0]) == 2 + len(present(state)) * 2 + len(present(iface))
+    for k, (eager, fused) in enumerate(zip(*results)):
+        assert eager.abs().max() > 0, k
+        assert relative_error(fused, eager) <= 1e-5, k
+
+
+@LINKS
+def test_fused_scan_continues_a_carried_state_and_backpropagates_into_it(links):
+    """carry_memory and bptt_segments: two scans, the second from the first's final state,
+    equal one scan over both, and the gradient reaches the first segment's interface through
+    the state exactly as through one scan."""
+    rng = np.random.default_rng(4)
+    iface = to_torch(random_scan_interface(rng, links, B, 6), D.DNCInterface)
+
+    def split(named, part):
+        return named._replace(**{k: v[:, part] for k, v in named._asdict().items()
+                                 if v is not None})
+
+    grads = []
+    for halves in (False, True):
+        i = leaves(iface)
+        if halves:
+            r1, w1, mid = D.fused_scan(zero_state(links), split(i, slice(0, 3)))
+            r2, w2, final = D.fused_scan(mid, split(i, slice(3, 6)))
+            reads, ww = torch.cat([r1, r2], 1), torch.cat([w1, w2], 1)
+        else:
+            reads, ww, final = D.fused_scan(zero_state(links), i)
+        loss = (reads[:, -1] ** 2).sum() + final.memory.sum()  # the last token only
+        grads.append(torch.autograd.grad(loss, present(i)))
+        outputs = (reads, ww, *present(final))
+        if halves:
+            for a, b in zip(outputs, whole):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        whole = outputs
+    assert grads[0][3][:, 0].abs().max() > 1e-6  # the first token's write vector matters
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_dnc_kernel_routes(monkeypatch, capsys):
+    """auto: fused on the CPU when it builds, else eager with one line saying why; fused: an
+    error when it cannot be built; eager: never the extension."""
+    assert D.scan_route("auto", "cpu") == "fused"
+    assert D.scan_route("fused", "cpu") == "fused"
+    assert D.scan_route("auto", "cuda") == "eager" and D.scan_route("eager", "cpu") == "eager"
+    monkeypatch.setattr(D, "_FUSED_SCAN", {"module": "CalledProcessError: no g++"})
+    assert D.scan_route("auto", "cpu") == "eager" and D.scan_route("auto", "cpu") == "eager"
+    assert capsys.readouterr().err.count("no g++") == 1  # said once
+    with pytest.raises(D.ConfigError, match="no g++.*--dnc_kernel=eager"):
+        D.scan_route("fused", "cpu")
+    with pytest.raises(D.ConfigError, match="--dnc_kernel=fused"):
+        D.validate_config(D.Config(dnc_kernel="fused"))
+    with pytest.raises(D.ConfigError, match="use auto, fused or eager"):
+        D.validate_config(D.Config(dnc_kernel="fast"))
+
+    calls = []
+    monkeypatch.setattr(D, "fused_scan", lambda *a: calls.append(a))
+    cfg, mem = tiny_memory(False, kernel="eager")
+    mem(random_h(cfg))
+    assert calls == []

@@ -18,6 +18,9 @@ def segments(ids, cfg):
     return D.row_segments(body, cfg.seq_len)
 
 
+KERNELS = pytest.mark.parametrize("kernel", ["eager", "fused"])  # dnc_kernel of the scan
+
+
 def carried_logits(model, ids, cfg):
     """Logits of every segment in order, the state carried, as one (rows, positions, V)."""
     model.eval()
@@ -26,9 +29,10 @@ def carried_logits(model, ids, cfg):
                          dim=1)
 
 
+@KERNELS
 @pytest.mark.parametrize("links", [False, True])
-def test_no_token_influences_an_earlier_prediction_across_segments(links):
-    cfg = D.Config(**TINY, temporal_links=links)
+def test_no_token_influences_an_earlier_prediction_across_segments(links, kernel):
+    cfg = D.Config(**TINY, temporal_links=links, dnc_kernel=kernel)
     model = D.build_model(cfg, True)
     ids = torch.randint(0, 97, (2 * 40 + 1,), generator=torch.Generator().manual_seed(0))
     before = carried_logits(model, ids, cfg)
@@ -45,9 +49,10 @@ def test_no_token_influences_an_earlier_prediction_across_segments(links):
         torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)  # rows are independent
 
 
+@KERNELS
 @pytest.mark.parametrize("links", [False, True])
-def test_a_fact_in_segment_one_changes_the_reads_in_segment_three(links):
-    cfg = D.Config(**TINY, temporal_links=links)
+def test_a_fact_in_segment_one_changes_the_reads_in_segment_three(links, kernel):
+    cfg = D.Config(**TINY, temporal_links=links, dnc_kernel=kernel)
     model = D.build_model(cfg, True).eval()
     ids = torch.randint(0, 97, (2 * 40 + 1,), generator=torch.Generator().manual_seed(1))
     changed = ids.clone()
@@ -125,8 +130,9 @@ def test_rows_are_contiguous_and_segments_follow_each_other():
         assert torch.equal(a[:, -1], b[:, 0])
 
 
-def test_training_steps_carry_the_state_and_detach_at_the_boundary(record_interfaces):
-    cfg = D.Config(**TINY, bptt_segments=2)
+@KERNELS
+def test_training_steps_carry_the_state_and_detach_at_the_boundary(record_interfaces, kernel):
+    cfg = D.Config(**TINY, bptt_segments=2, dnc_kernel=kernel)
     model = D.build_model(cfg, True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

@@ -1023,17 +1023,23 @@ DNC_SCAN_CPP = r"""
 
 struct Sizes { int64_t T, N, W, R; bool links; double eps; };
 
+// sum_j a_j b_j; "omp simd" lets the compiler vectorise the sum (reordering its additions)
+template <typename T>
+static inline T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
 // content_weights: c_n = softmax_n(beta * <k, M_n> / (|k| |M_n| + eps))
 template <typename T>
 static void content_forward(const T* M, const T* k, T beta, const Sizes& s, T* c) {
-  T kn = 0;
-  for (int64_t j = 0; j < s.W; ++j) kn += k[j] * k[j];
-  kn = std::sqrt(kn);
+  T kn = std::sqrt(dot(k, k, s.W));
   T zmax = -std::numeric_limits<T>::infinity();
   for (int64_t n = 0; n < s.N; ++n) {
-    T dot = 0, mn = 0;
-    for (int64_t j = 0; j < s.W; ++j) { dot += k[j] * M[n * s.W + j]; mn += M[n * s.W + j] * M[n * s.W + j]; }
-    c[n] = beta * dot / (kn * std::sqrt(mn) + T(s.eps));
+    const T* row = M + n * s.W;
+    c[n] = beta * dot(k, row, s.W) / (kn * std::sqrt(dot(row, row, s.W)) + T(s.eps));
     zmax = std::max(zmax, c[n]);
   }
   T sum = 0;
@@ -1045,22 +1051,18 @@ static void content_forward(const T* M, const T* k, T beta, const Sizes& s, T* c
 template <typename T>
 static void content_backward(const T* M, const T* k, T beta, const T* c, const T* gc,
                              const Sizes& s, T* gk, T* gbeta, T* gM) {
-  T kn = 0;
-  for (int64_t j = 0; j < s.W; ++j) kn += k[j] * k[j];
-  kn = std::sqrt(kn);
+  T kn = std::sqrt(dot(k, k, s.W));
   T cgc = 0;
   for (int64_t n = 0; n < s.N; ++n) cgc += c[n] * gc[n];
   T gkn = 0;
   for (int64_t n = 0; n < s.N; ++n) {
     const T* row = M + n * s.W;
-    T dot = 0, mn = 0;
-    for (int64_t j = 0; j < s.W; ++j) { dot += k[j] * row[j]; mn += row[j] * row[j]; }
-    mn = std::sqrt(mn);
+    T kr = dot(k, row, s.W), mn = std::sqrt(dot(row, row, s.W));
     T denom = kn * mn + T(s.eps);
     T gz = c[n] * (gc[n] - cgc);  // softmax
-    *gbeta += gz * dot / denom;
+    *gbeta += gz * kr / denom;
     T gs = beta * gz;
-    T gdot = gs / denom, gdenom = -gs * dot / (denom * denom);
+    T gdot = gs / denom, gdenom = -gs * kr / (denom * denom);
     gkn += gdenom * mn;
     T gmn = gdenom * kn;
     T scale = mn > 0 ? gmn / mn : T(0);  // the norm's subgradient at 0 is 0, as in torch
@@ -1154,23 +1156,23 @@ static void step_forward(const Iface<T>& x, const State<T>& o, const State<T>& n
     for (int64_t i = 0; i < N; ++i) n.p[i] = (1 - total) * o.p[i] + n.ww[i];
     for (int64_t r = 0; r < R; ++r)  // directional_weights, then the read modes
       for (int64_t i = 0; i < N; ++i) {
-        T fw = 0, bw = 0;
-        for (int64_t m = 0; m < N; ++m) {
-          fw += o.wr[r * N + m] * n.L[i * N + m];
-          bw += o.wr[r * N + m] * n.L[m * N + i];
-        }
+        T fw = dot(o.wr + r * N, n.L + i * N, N), bw = 0;
+        for (int64_t m = 0; m < N; ++m) bw += o.wr[r * N + m] * n.L[m * N + i];
         k.fw[r * N + i] = fw;
         k.bw[r * N + i] = bw;
         const T* pi = x.pi + r * 3;
         n.wr[r * N + i] = pi[0] * bw + pi[1] * k.cr[r * N + i] + pi[2] * fw;
       }
   }
-  for (int64_t r = 0; r < R; ++r)  // read_memory
-    for (int64_t j = 0; j < W; ++j) {
-      T acc = 0;
-      for (int64_t i = 0; i < N; ++i) acc += n.wr[r * N + i] * n.M[i * W + j];
-      read[r * W + j] = acc;
+  for (int64_t r = 0; r < R; ++r) {  // read_memory
+    T* out = read + r * W;
+    std::fill(out, out + W, T(0));
+    for (int64_t i = 0; i < N; ++i) {
+      T w = n.wr[r * N + i];
+      const T* row = n.M + i * W;
+      for (int64_t j = 0; j < W; ++j) out[j] += w * row[j];
     }
+  }
 }
 
 // The gradient of one step. g holds the gradient of the state at t + 1 on entry and of the
@@ -1203,12 +1205,9 @@ static void step_backward(const Iface<T>& x, const State<T>& o, const State<T>& 
   for (int64_t i = 0; i < N; ++i) g.ww[i] += gww_out[i];
   for (int64_t r = 0; r < R; ++r)  // read_memory
     for (int64_t i = 0; i < N; ++i) {
-      T acc = 0;
-      for (int64_t j = 0; j < W; ++j) {
-        acc += gread[r * W + j] * n.M[i * W + j];
-        g.M[i * W + j] += n.wr[r * N + i] * gread[r * W + j];
-      }
-      g.wr[r * N + i] += acc;
+      g.wr[r * N + i] += dot(gread + r * W, n.M + i * W, W);
+      T w = n.wr[r * N + i];
+      for (int64_t j = 0; j < W; ++j) g.M[i * W + j] += w * gread[r * W + j];
     }
   std::vector<T> gcr(R * N);
   if (!s.links) {

@@ -5,6 +5,7 @@
     python tests/bench_speed.py --cases=train --routing_stride=4     # the approximate option
     python tests/bench_speed.py --device=cuda --cases=train,train_compiled --no_peak  # a GPU
     python tests/bench_speed.py --cases=loop,loop_links,loop_small --kernels=fused
+    python tests/bench_speed.py --cases=train_small_norouting       # lambda_routing=0
 
 Every model case runs once per --kernels entry (Config.dnc_kernel: fused, eager). The loop
 cases time the DNC's scan alone (DNCMemory.scan on random hidden states), forward and
@@ -48,11 +49,13 @@ SMALL = dict(hidden_size=128, num_layers=2, num_heads=4, mem_slots=32, mem_width
 
 
 def case_config(case, routing_stride, device="auto", kernel="auto"):
-    """train | eval | loop, then optionally _small (recall sizes), _links, _compiled."""
+    """train | eval | loop, then optionally _small (recall sizes), _links, _norouting
+    (lambda_routing=0, as the recall preset trains: no read-free LM head, no KL), _compiled."""
     return dnc_gpt2.Config(temporal_links="_links" in case, routing_stride=routing_stride,
                            use_compile=case.endswith("_compiled"), compile_mode="default",
                            device=device, dnc_kernel=kernel,
-                           **(SMALL if "_small" in case else {}))
+                           **(SMALL if "_small" in case else {}),
+                           **({"lambda_routing": 0.0} if "_norouting" in case else {}))
 
 
 def synchronize(device):
@@ -171,7 +174,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--cases",
                         default="train,train_links,eval,eval_links,train_small,"
-                                "train_small_links,train_compiled,loop,loop_links,loop_small,"
+                                "train_small_links,train_small_norouting,train_compiled,loop,"
+                                "loop_links,loop_small,"
                                 "data_load")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")

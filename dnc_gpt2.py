@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import random
 import re
 import shlex
@@ -1406,6 +1407,16 @@ std::vector<at::Tensor> scan_backward(std::vector<at::Tensor> iface, std::vector
 _FUSED_SCAN = {}  # the loaded extension, or the reason it could not be built, once per process
 
 
+def cpu_signature():
+    """What -march=native compiles for: the CPU's model and instruction-set flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{sys.platform} {platform.machine()}"
+    wanted = ("model name", "flags", "Features", "CPU part")  # x86 and ARM spellings
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
 def fused_scan_extension():
     """The compiled scan (built on first use, then cached by torch under TORCH_EXTENSIONS_DIR,
     keyed by the source's hash), or a string saying why it cannot be built."""
@@ -1416,11 +1427,14 @@ def fused_scan_extension():
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        name = "dnc_scan_" + hashlib.sha256(DNC_SCAN_CPP.encode()).hexdigest()[:12]
+        # -march=native vectorises the sums for this CPU; the build is keyed by the CPU too, so
+        # a cache shared with another kind of machine never loads code it cannot run
+        key = DNC_SCAN_CPP + cpu_signature()
+        name = "dnc_scan_" + hashlib.sha256(key.encode()).hexdigest()[:12]
         try:
             _FUSED_SCAN["module"] = load_inline(
                 name, cpp_sources=[DNC_SCAN_CPP], functions=["scan_forward", "scan_backward"],
-                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as error:  # a missing compiler, ninja or Python header: fall back
             lines = str(error).strip().splitlines() or [type(error).__name__]
             _FUSED_SCAN["module"] = f"{type(error).__name__}: {lines[-1]}"

@@ -229,9 +229,10 @@ def test_use_compile_matches_eager_and_compiles_the_step_once(monkeypatch):
     monkeypatch.setattr(torch, "compile",
                         lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
     torch._dynamo.reset()
-    cfg = tiny_cfg(True, use_compile=True)
+    # use_compile compiles dnc_step, which only the eager loop calls (dnc_kernel)
+    cfg = tiny_cfg(True, use_compile=True, dnc_kernel="eager")
     compiled = D.build_model(cfg, True)
-    eager = D.build_model(tiny_cfg(True), True)
+    eager = D.build_model(tiny_cfg(True, dnc_kernel="eager"), True)
     assert compiled.memory.step is not D.dnc_step
     ids = random_ids(cfg, length=cfg.seq_len + 1)
     graphs = []

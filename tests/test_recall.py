@@ -218,13 +218,13 @@ def test_recall_metrics_score_the_true_next_token_and_only_it(task, shift, exact
 
 # ─── the memory on its own ────────────────────────────────────────────────────────────────
 
-def carry_task_accuracy(detach_state, steps=200, seed=0):
+def carry_task_accuracy(detach_state, steps=200, seed=0, kernel="eager"):
     """A feed-forward controller (it holds nothing from one token to the next) with DNCMemory:
     read a value at t = 0, then 12 distractors of the same kind, then answer the value. With 4
     slots, the memory keeps the value only if it learns not to write the distractors."""
     values, gap, batch = 4, 12, 32
     torch.manual_seed(seed)
-    cfg = D.Config(hidden_size=16, mem_slots=4, mem_width=8, num_reads=1)
+    cfg = D.Config(hidden_size=16, mem_slots=4, mem_width=8, num_reads=1, dnc_kernel=kernel)
     embed, role = nn.Embedding(values + 1, 16), nn.Embedding(3, 16)
     controller = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
     memory, head = D.DNCMemory(cfg), nn.Linear(8 + 16, values)
@@ -257,9 +257,11 @@ def carry_task_accuracy(detach_state, steps=200, seed=0):
     return (logits.argmax(-1) == value).float().mean().item()
 
 
-def test_the_memory_alone_learns_to_carry_a_value_past_distractors():
-    assert carry_task_accuracy(detach_state=False) > 0.95
-    # the control: without gradients through the state it cannot learn what to keep
+@pytest.mark.parametrize("kernel", ["eager", "fused"])
+def test_the_memory_alone_learns_to_carry_a_value_past_distractors(kernel):
+    assert carry_task_accuracy(detach_state=False, kernel=kernel) > 0.95
+    # the control: without gradients through the state it cannot learn what to keep (the
+    # detaching step replaces dnc_step, which only the eager loop calls)
     assert carry_task_accuracy(detach_state=True) < 0.6
 
 

@@ -1389,9 +1389,8 @@ std::vector<at::Tensor> scan_backward(std::vector<at::Tensor> iface, std::vector
                             grad_reads.data_ptr<T_>() + (b * T + t) * R * W,
                             grad_ww.data_ptr<T_>() + (b * T + t) * N, g, prev,
                             Iface<T_>(giface, b, t, s), s);
-        std::vector<T_>* done[6] = {&g.M, &g.u, &g.ww, &g.wr, &g.L, &g.p};
-        for (int f = 0; f < 6; ++f) {
-          auto& v = *done[f];
+        for (int f = 0; f < 6; ++f) {  // g now holds the gradient of the initial state
+          auto& v = *fields[f];
           if (v.empty()) continue;
           std::copy(v.begin(), v.end(), ginit[f].data_ptr<T_>() + b * int64_t(v.size()));
         }

@@ -331,3 +331,68 @@ def test_context_stride_adds_every_kth_target_to_the_answers(task):
     only = D.step_batches(task, D.Config(**{**TINY, "seq_len": 64, "batch_size": 3,
                                             "recall_distances": "64"}), 4, 10)[1]
     assert all(torch.equal(m, a) for m, a in zip(only, answers))
+
+
+# ─── the diagnostic ladder (tests/recall_ladder.py) ───────────────────────────────────────
+
+def ladder_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).with_name("recall_ladder.py")
+    spec = importlib.util.spec_from_file_location("recall_ladder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LADDER = dict(TINY, vocab_size=50257, seq_len=64, batch_size=4, recall_facts=1,
+              recall_distances="64")
+
+
+@pytest.fixture(scope="module")
+def one_fact():
+    return D.RecallTask(D.load_tokenizer(), 64, seed=5, facts=1)
+
+
+@pytest.mark.parametrize("memory_layer", [0, 1])
+def test_oracle_gate_writes_the_facts_code_digits_and_nothing_else(one_fact, memory_layer):
+    task = one_fact
+    cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": memory_layer})
+    model = D.build_model(cfg, True)
+    oracle = ladder_module().Oracle("oracle_gate", model, cfg, task.digits)
+    episodes = task.episodes(random.Random(3), 64, 4)
+    oracle.start(episodes)
+    gates = D.recall_metrics(model, {64: episodes}, cfg)["gate_by_class"]
+    assert gates.pop("fact code") == 1.0
+    assert set(gates) == {"filler", "fact name", "fact frame", "query", "answer"}
+    assert all(g == 0.0 for g in gates.values())
+
+
+def test_oracle_answer_reads_the_target_digit_and_oracle_bag_every_stated_digit(one_fact):
+    task = one_fact
+    ladder = ladder_module()
+    cfg = D.Config(**LADDER)
+    episodes = task.episodes(random.Random(4), 64, 4)
+    width = cfg.num_reads * cfg.mem_width
+    answer = ladder.oracle_reads("oracle_answer", episodes, task.digits, width)
+    bag = ladder.oracle_reads("oracle_bag", episodes, task.digits, width)
+    targets = episodes.ids[:, 1:][episodes.answers]
+    digit_of = {token: value for value, token in enumerate(task.digits)}
+    assert torch.equal(answer[episodes.answers][:, :10].argmax(-1),
+                       torch.tensor([digit_of[t] for t in targets.tolist()]))
+    assert answer.sum() == episodes.answers.sum() and answer[:, :, 10:].abs().sum() == 0
+    assert torch.equal(bag[:, -1, :10].sum(-1), torch.full((4,), 4.0))  # one 4-digit fact each
+    first_digit = (episodes.classes == D.TOKEN_CLASSES.index("fact code")).int().argmax(1)
+    assert all(bag[row, :first_digit[row]].abs().sum() == 0 for row in range(4))
+    # a read_proj that maps read dimension d onto digit d's embedding: the perfect lookup
+    # then answers every code exactly, and the same model without the oracle does not
+    model = D.build_model(cfg, True)
+    with torch.no_grad():
+        model.read_proj.weight.zero_()
+        for value, token in enumerate(task.digits):
+            model.read_proj.weight[:, value] = 1e3 * model.lm_head.weight[token]
+    assert D.recall_metrics(model, {64: episodes}, cfg)["exact"] < 0.5
+    oracle = ladder.Oracle("oracle_answer", model, cfg, task.digits)
+    oracle.start(episodes)
+    assert D.recall_metrics(model, {64: episodes}, cfg)["exact"] == 1.0

@@ -1,0 +1,127 @@
+"""Where does the recall signal die? The DNC model trained on the recall task with one part
+of the memory replaced by an oracle, so that each rung of the ladder isolates one stage.
+
+    PYTHONPATH=. python tests/recall_ladder.py MODE STEPS [--field=value ...]
+
+The run starts from `--preset=recall --recall_facts=1 --recall_distances=64
+--read_strength_bias=0` (E14's setting); the arguments after STEPS override it. MODE:
+
+- `memory`: the model as built, no oracle.
+- `oracle_answer`: the reads are replaced by the one-hot of the digit to be predicted, at the
+  positions that predict an answer digit (zero elsewhere): the perfect lookup. How fast the
+  model learns to use it measures the path from a read to the logits alone.
+- `oracle_bag`: the reads are replaced by the counts of each digit stated in the facts so far:
+  what a read that takes in every fact row, without addressing, could offer.
+- `oracle_gate`: the DNC is real, but its write gate is 1 at the facts' code digits and 0 at
+  every other token, so the memory holds the facts and nothing else: whether addressing and
+  the value path can learn once the writes are right.
+
+About 30 times per run (every 50 steps, or every 100 beyond 1,500 steps) it prints the answer digits' mean NLL (chance ln 10 = 2.303) and exact match
+on 128 episodes of its own stream ("ladder"), neither the validation nor the test split, and at
+the end the mean write gate by token class.
+"""
+import random
+import sys
+import time
+
+import torch
+
+import dnc_gpt2 as D
+
+MODES = ("memory", "oracle_answer", "oracle_bag", "oracle_gate")
+PROBE_EPISODES = 128
+
+
+def oracle_reads(mode, episodes, digits, width):
+    """(B, L, width) replacement reads for oracle_answer and oracle_bag."""
+    length = episodes.answers.shape[1]
+    reads = torch.zeros(*episodes.answers.shape, width)
+    fact = episodes.classes[:, :length] == D.TOKEN_CLASSES.index("fact code")
+    for value, token in enumerate(digits):
+        if mode == "oracle_answer":  # target j is token j + 1
+            reads[..., value] = ((episodes.ids[:, 1:] == token) & episodes.answers).float()
+        else:
+            reads[..., value] = ((episodes.ids[:, :length] == token) & fact).float().cumsum(1)
+    return reads
+
+
+class Oracle:
+    """Replaces one stage of the model for the episodes given to `start`, segment by segment."""
+
+    def __init__(self, mode, model, cfg, digits):
+        self.mode, self.cfg, self.digits, self.segment = mode, cfg, digits, 0
+        self.read_and_add, self.interface = model.read_and_add, model.memory.interface
+        if mode in ("oracle_answer", "oracle_bag"):
+            model.read_and_add = self.oracle_read
+        if mode == "oracle_gate":
+            model.memory.interface = self.oracle_gate
+        self.model = model
+        model.transformer.register_forward_pre_hook(self.next_segment)
+
+    def start(self, episodes):
+        """The episodes the next forward passes run through, from their first segment."""
+        self.segment, seq = -1, self.cfg.seq_len
+        fact = episodes.classes[:, :episodes.answers.shape[1]] == D.TOKEN_CLASSES.index(
+            "fact code")
+        self.gates = fact.float().split(seq, 1)
+        width = self.cfg.num_reads * self.cfg.mem_width
+        if self.mode in ("oracle_answer", "oracle_bag"):
+            self.reads = oracle_reads(self.mode, episodes, self.digits, width).split(seq, 1)
+
+    def oracle_read(self, residual, controller, memory_state):
+        x, gate, weights, state = self.read_and_add(residual, controller, memory_state)
+        return residual + self.model.read_proj(self.reads[self.segment]), gate, weights, state
+
+    def oracle_gate(self, h):
+        return self.interface(h)._replace(write_gate=self.gates[self.segment].unsqueeze(-1))
+
+    def next_segment(self, module, args):
+        self.segment += 1
+
+
+def probe(model, oracle, episodes, cfg):
+    """Answer NLL per digit, exact match and the gate by class on the probe episodes."""
+    nll, exact, codes, gates = 0.0, 0, 0, []
+    for first in range(0, len(episodes.ids), cfg.batch_size):
+        part = D.Episodes(*(x[first:first + cfg.batch_size] for x in episodes))
+        oracle.start(part)
+        metrics = D.recall_metrics(model, {0: part}, cfg)
+        queries = metrics["recall"][0]["queries"]
+        nll += metrics["loss"] * queries
+        exact += round(metrics["exact"] * queries)
+        codes += queries
+        gates.append(metrics.get("gate_by_class", {}))
+    gate = {k: sum(g[k] for g in gates) / len(gates) for k in gates[0]}
+    return nll / codes, exact / codes, gate
+
+
+def main():
+    mode, steps = sys.argv[1], int(sys.argv[2])
+    if mode not in MODES:
+        sys.exit(f"MODE={mode!r}: choose one of {MODES}")
+    cfg = D.config_from_args(["--preset=recall", "--recall_distances=64", "--recall_facts=1",
+                              "--read_strength_bias=0", *sys.argv[3:]])
+    D.validate_config(cfg)
+    task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts)
+    longest = max(D.distances(cfg.recall_distances))
+    episodes = task.episodes(random.Random(f"recall/{cfg.seed}/ladder"), longest, PROBE_EPISODES)
+    model = D.build_model(cfg, True)
+    oracle = Oracle(mode, model, cfg, task.digits)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    started, every = time.time(), 50 if steps <= 1500 else 100
+    for step in range(1, steps + 1):
+        batch = task.train_batch(step, cfg.batch_size, D.unlocked_distances(cfg, step))
+        segments, masks = zip(*D.episode_segments(batch, cfg.seq_len))
+        oracle.start(batch)
+        D.train_step(model, model, optimizer, scaler, list(segments), cfg, D.StopFlag(),
+                     torch.device("cpu"), None, D.scored_targets(masks, cfg))
+        if step % every == 0 or step == steps:
+            nll, exact, gate = probe(model, oracle, episodes, cfg)
+            print(f"step {step}: answer NLL {nll:.3f} per digit, exact {exact:.3f} "
+                  f"({time.time() - started:.0f} s)", flush=True)
+    print("write gate by class: " + ", ".join(f"{k} {v:.2f}" for k, v in gate.items()))
+
+
+if __name__ == "__main__":
+    main()

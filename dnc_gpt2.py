@@ -78,6 +78,7 @@ class Config:
     grad_clip: float = 1.0
     lambda_routing: float = 0.1
     lambda_entropy: float = 0.05
+    lambda_write: float = 0.0
     routing_stride: int = 1
     seed: int = 1337
     seeds: str = ""
@@ -194,6 +195,9 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "grad_clip": "gradient-norm clip",
     "lambda_routing": "λ_r, weight of the routing loss",
     "lambda_entropy": "λ_e, weight of the write-entropy loss",
+    "lambda_write": (
+        "λ_w, the price of writing: λ_w × the mean write gate g^w is added to the loss, so "
+        "that only writes whose later reads pay for it stay open (Results: recall)"),
     "routing_stride": (
         "training only: the routing loss (and the no-memory logits it needs) on every k-th "
         "token; 1 = every token, exact. An approximation that saves time (see Performance); "
@@ -476,6 +480,8 @@ def validate_config(cfg):
          f"lambda_routing={cfg.lambda_routing} must be a finite number >= 0"),
         (0 <= cfg.lambda_entropy < math.inf, "lambda_entropy",
          f"lambda_entropy={cfg.lambda_entropy} must be a finite number >= 0"),
+        (0 <= cfg.lambda_write < math.inf, "lambda_write",
+         f"lambda_write={cfg.lambda_write} must be a finite number >= 0"),
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.write_gate_bias), "write_gate_bias",
          f"write_gate_bias={cfg.write_gate_bias} must be a finite number"),
@@ -1755,8 +1761,18 @@ def entropy_loss(write_weights):
     return write_entropy(write_weights).mean()
 
 
+def write_cost(write_gate):
+    """Mean g^w over every token of the segment, scored or not: the mass written per token.
+
+    A write is paid for at once, and repaid only when a later read lowers the LM loss, so the
+    gradient of λ_w × this closes the gate wherever nothing downstream holds it open. Without
+    it, filler written at the same rate as facts floods soft reads (README, Results: recall).
+    """
+    return write_gate.float().mean()
+
+
 def compute_loss(out, targets, cfg):
-    """L = L_LM + λ_r L_routing + λ_e L_entropy; returns the total and its parts as floats.
+    """L = L_LM + λ_r L_routing + λ_e L_entropy + λ_w mean g^w; returns the total and its parts as floats.
 
     With logits at scored positions only (K, V), targets (K,) and no routing loss: it needs
     the prediction at every position where a gate is trained.
@@ -1766,13 +1782,14 @@ def compute_loss(out, targets, cfg):
     if out.write_gate is None:
         return lm, {"lm": lm.item()}
     entropy = entropy_loss(out.write_weights)
+    total = lm + cfg.lambda_entropy * entropy + cfg.lambda_write * write_cost(out.write_gate)
     if log_probs.dim() == 2 or out.nomem_logits is None:  # no routing loss (λ_r = 0 in training)
-        return lm + cfg.lambda_entropy * entropy, {"lm": lm.item(), "entropy": entropy.item()}
+        return total, {"lm": lm.item(), "entropy": entropy.item()}
     k, nomem = cfg.routing_stride, out.nomem_logits
     if nomem.shape[1] == out.logits.shape[1]:  # evaluation-mode outputs hold every position
         nomem = nomem[:, ::k]
     routing = routing_loss(out.write_gate[:, ::k], token_kl(log_probs.detach()[:, ::k], nomem))
-    total = lm + cfg.lambda_routing * routing + cfg.lambda_entropy * entropy
+    total = total + cfg.lambda_routing * routing
     return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
 
 
@@ -1988,7 +2005,8 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 # a checkpoint made with other values of these cannot continue this run
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
-              "lr", "grad_clip", "lambda_routing", "lambda_entropy", "seed", "carry_memory",
+              "lr", "grad_clip", "lambda_routing", "lambda_entropy", "lambda_write", "seed",
+              "carry_memory",
               "bptt_segments", "controller_grad", "zero_read_proj",
               "write_gate_bias", "read_strength_bias", "dataset", "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts",

@@ -15,11 +15,19 @@ The run starts from `--preset=recall --recall_facts=1 --recall_distances=64
 - `oracle_gate`: the DNC is real, but its write gate is 1 at the facts' code digits and 0 at
   every other token, so the memory holds the facts and nothing else: whether addressing and
   the value path can learn once the writes are right.
+- `oracle_digits`: as oracle_gate, with the gate also 1 at the answer digits, so each answer
+  digit is written just before the read that predicts the next one: what a gate that selects
+  by token kind (digit or not) writes.
+- `oracle_e17`: the gate fixed from the first step at E17's learnt mean per token class
+  (`E17_GATES`): whether those writes allow a lookup at all, or only came too late.
 
-About 30 times per run (every 50 steps, or every 100 beyond 1,500 steps) it prints the answer digits' mean NLL (chance ln 10 = 2.303) and exact match
-on 128 episodes of its own stream ("ladder"), neither the validation nor the test split, and at
-the end the mean write gate by token class.
+Every 50 steps (every 100 in runs over 1,500 steps) it prints the answer digits' mean NLL
+(chance ln 10 = 2.303), exact match and the mean write gate by token class, on 128 episodes
+of its own stream ("ladder"), neither the validation nor the test split. With `--save_dir=D`
+the final model is saved as D/ladder-MODE-STEPS.pt for `tests/recall_probe.py`.
 """
+import dataclasses
+import os
 import random
 import sys
 import time
@@ -28,7 +36,11 @@ import torch
 
 import dnc_gpt2 as D
 
-MODES = ("memory", "oracle_answer", "oracle_bag", "oracle_gate")
+MODES = ("memory", "oracle_answer", "oracle_bag", "oracle_gate", "oracle_digits", "oracle_e17")
+# the mean write gate by token class that E17 (mode memory, --memory_layer=1) had learnt
+# after 3,000 steps; oracle_e17 fixes the gate at these values from the first step
+E17_GATES = {"filler": 0.09, "fact name": 0.41, "fact code": 0.84, "fact frame": 0.26,
+             "query": 0.40, "answer": 0.93}
 PROBE_EPISODES = 128
 
 
@@ -53,7 +65,7 @@ class Oracle:
         self.read_and_add, self.interface = model.read_and_add, model.memory.interface
         if mode in ("oracle_answer", "oracle_bag"):
             model.read_and_add = self.oracle_read
-        if mode == "oracle_gate":
+        if mode in ("oracle_gate", "oracle_digits", "oracle_e17"):
             model.memory.interface = self.oracle_gate
         self.model = model
         model.transformer.register_forward_pre_hook(self.next_segment)
@@ -61,9 +73,14 @@ class Oracle:
     def start(self, episodes):
         """The episodes the next forward passes run through, from their first segment."""
         self.segment, seq = -1, self.cfg.seq_len
-        fact = episodes.classes[:, :episodes.answers.shape[1]] == D.TOKEN_CLASSES.index(
-            "fact code")
-        self.gates = fact.float().split(seq, 1)
+        classes = episodes.classes[:, :episodes.answers.shape[1]].long()
+        if self.mode == "oracle_e17":
+            gates = torch.tensor([E17_GATES[name] for name in D.TOKEN_CLASSES])[classes]
+        else:
+            gates = (classes == D.TOKEN_CLASSES.index("fact code")).float()
+            if self.mode == "oracle_digits":
+                gates += (classes == D.TOKEN_CLASSES.index("answer")).float()
+        self.gates = gates.split(seq, 1)
         width = self.cfg.num_reads * self.cfg.mem_width
         if self.mode in ("oracle_answer", "oracle_bag"):
             self.reads = oracle_reads(self.mode, episodes, self.digits, width).split(seq, 1)
@@ -119,8 +136,12 @@ def main():
         if step % every == 0 or step == steps:
             nll, exact, gate = probe(model, oracle, episodes, cfg)
             print(f"step {step}: answer NLL {nll:.3f} per digit, exact {exact:.3f} "
-                  f"({time.time() - started:.0f} s)", flush=True)
-    print("write gate by class: " + ", ".join(f"{k} {v:.2f}" for k, v in gate.items()))
+                  f"({time.time() - started:.0f} s); write gate "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in gate.items()), flush=True)
+    if any(arg.startswith("--save_dir") for arg in sys.argv):  # for tests/recall_probe.py
+        os.makedirs(cfg.save_dir, exist_ok=True)
+        torch.save({"config": dataclasses.asdict(cfg), "model_state_dict": model.state_dict()},
+                   os.path.join(cfg.save_dir, f"ladder-{mode}-{steps}.pt"))
 
 
 if __name__ == "__main__":

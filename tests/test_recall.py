@@ -355,18 +355,21 @@ def one_fact():
     return D.RecallTask(D.load_tokenizer(), 64, seed=5, facts=1)
 
 
+@pytest.mark.parametrize("mode,open_classes", [("oracle_gate", {"fact code"}),
+                                                ("oracle_digits", {"fact code", "answer"})])
 @pytest.mark.parametrize("memory_layer", [0, 1])
-def test_oracle_gate_writes_the_facts_code_digits_and_nothing_else(one_fact, memory_layer):
+def test_oracle_gates_write_the_digits_they_name_and_nothing_else(one_fact, memory_layer, mode,
+                                                                  open_classes):
     task = one_fact
     cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": memory_layer})
     model = D.build_model(cfg, True)
-    oracle = ladder_module().Oracle("oracle_gate", model, cfg, task.digits)
+    oracle = ladder_module().Oracle(mode, model, cfg, task.digits)
     episodes = task.episodes(random.Random(3), 64, 4)
     oracle.start(episodes)
     gates = D.recall_metrics(model, {64: episodes}, cfg)["gate_by_class"]
-    assert gates.pop("fact code") == 1.0
-    assert set(gates) == {"filler", "fact name", "fact frame", "query", "answer"}
-    assert all(g == 0.0 for g in gates.values())
+    assert set(gates) == set(D.TOKEN_CLASSES)
+    assert {k for k, g in gates.items() if g == 1.0} == open_classes
+    assert all(gates[k] == 0.0 for k in set(gates) - open_classes)
 
 
 def test_oracle_answer_reads_the_target_digit_and_oracle_bag_every_stated_digit(one_fact):
@@ -396,3 +399,14 @@ def test_oracle_answer_reads_the_target_digit_and_oracle_bag_every_stated_digit(
     oracle = ladder.Oracle("oracle_answer", model, cfg, task.digits)
     oracle.start(episodes)
     assert D.recall_metrics(model, {64: episodes}, cfg)["exact"] == 1.0
+
+
+def test_oracle_e17_fixes_the_gate_at_the_listed_value_of_each_token_class(one_fact):
+    ladder = ladder_module()
+    cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1})
+    model = D.build_model(cfg, True)
+    oracle = ladder.Oracle("oracle_e17", model, cfg, one_fact.digits)
+    oracle.start(one_fact.episodes(random.Random(5), 64, 4))
+    gates = D.recall_metrics(model, {64: one_fact.episodes(random.Random(5), 64, 4)},
+                             cfg)["gate_by_class"]
+    assert gates == pytest.approx(ladder.E17_GATES, abs=1e-6)

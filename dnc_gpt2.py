@@ -132,6 +132,7 @@ PRESETS = {
                    seq_len=64, max_steps=2000, log_every_steps=20, save_every_steps=250,
                    dropout=0.0, inspect_tokens=40, lr=1e-3, loss_on="answers",
                    context_stride=8, read_strength_bias=10.0,  # README, Results: E6-E10
+                   memory_layer=1,  # reads reach the logits sooner (Results: L1, L2)
                    lambda_routing=0.0, lambda_entropy=0.0, recall_distances="256",
                    controller_grad=1.0,  # the lookup's keys must be shaped by the answers
                    recall_test_distances="64,128,256,384,512"),
@@ -197,7 +198,8 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "lambda_entropy": "λ_e, weight of the write-entropy loss",
     "lambda_write": (
         "λ_w, the price of writing: λ_w × the mean write gate g^w is added to the loss, so "
-        "that only writes whose later reads pay for it stay open (Results: recall)"),
+        "that only writes whose later reads pay for it stay open; 0.1 closed every gate on "
+        "the recall task (Results: E18)"),
     "routing_stride": (
         "training only: the routing loss (and the no-memory logits it needs) on every k-th "
         "token; 1 = every token, exact. An approximation that saves time (see Performance); "
@@ -1765,14 +1767,16 @@ def write_cost(write_gate):
     """Mean g^w over every token of the segment, scored or not: the mass written per token.
 
     A write is paid for at once, and repaid only when a later read lowers the LM loss, so the
-    gradient of λ_w × this closes the gate wherever nothing downstream holds it open. Without
-    it, filler written at the same rate as facts floods soft reads (README, Results: recall).
+    gradient of λ_w × this closes the gate wherever nothing downstream holds it open. On the
+    recall task, λ_w = 0.1 closed every gate, the facts' too, before any read used them
+    (README, Results: E18); off by default.
     """
     return write_gate.float().mean()
 
 
 def compute_loss(out, targets, cfg):
-    """L = L_LM + λ_r L_routing + λ_e L_entropy + λ_w mean g^w; returns the total and its parts as floats.
+    """L = L_LM + λ_r L_routing + λ_e L_entropy + λ_w mean g^w; returns the total and its
+    parts as floats.
 
     With logits at scored positions only (K, V), targets (K,) and no routing loss: it needs
     the prediction at every position where a gate is trained.
@@ -2084,7 +2088,9 @@ def load_checkpoint(path, cfg, source):
         raise ConfigError(f"{path}: not a dnc_gpt2 checkpoint (missing fields); move it away or "
                           f"use another --save_dir")
     for field in RUN_FIELDS:
-        theirs, ours = ckpt["config"].get(field), getattr(cfg, field)
+        # a field added after the checkpoint was made had its default then: options are added
+        # with the default that keeps the earlier behaviour
+        theirs, ours = ckpt["config"].get(field, getattr(Config, field)), getattr(cfg, field)
         if theirs != ours:
             raise ConfigError(f"{path}: made with {field}={theirs}, this run has {field}={ours}; "
                               f"pass --{field}={theirs} or use another --save_dir")

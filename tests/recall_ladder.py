@@ -24,7 +24,10 @@ The run starts from `--preset=recall --recall_facts=1 --recall_distances=64
 Every 50 steps (every 100 in runs over 1,500 steps) it prints the answer digits' mean NLL
 (chance ln 10 = 2.303), exact match and the mean write gate by token class, on 128 episodes
 of its own stream ("ladder"), neither the validation nor the test split. With `--save_dir=D`
-the final model is saved as D/ladder-MODE-STEPS.pt for `tests/recall_probe.py`.
+the final model is saved as D/ladder-MODE-STEPS.pt. `--from=D/ladder-MODE-K.pt` continues
+that model (with a fresh optimizer) from step K + 1 to STEPS; `--read_strength_shift=X` adds
+X to the bias of every read strength's pre-activation (β^r = 1 + softplus(… + bias)) before
+training: an intervention that makes every read sharper.
 """
 import dataclasses
 import os
@@ -116,18 +119,27 @@ def main():
     mode, steps = sys.argv[1], int(sys.argv[2])
     if mode not in MODES:
         sys.exit(f"MODE={mode!r}: choose one of {MODES}")
+    ladder = dict(arg[2:].split("=", 1) for arg in sys.argv[3:]
+                  if arg.startswith(("--from=", "--read_strength_shift=")))
     cfg = D.config_from_args(["--preset=recall", "--recall_distances=64", "--recall_facts=1",
-                              "--read_strength_bias=0", *sys.argv[3:]])
+                              "--read_strength_bias=0", *(arg for arg in sys.argv[3:]
+                                                          if arg[2:].split("=")[0] not in ladder)])
     D.validate_config(cfg)
     task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts)
     longest = max(D.distances(cfg.recall_distances))
     episodes = task.episodes(random.Random(f"recall/{cfg.seed}/ladder"), longest, PROBE_EPISODES)
-    model = D.build_model(cfg, True)
+    model, first = D.build_model(cfg, True), 1
+    if "from" in ladder:  # continue a saved ladder model (a fresh optimizer), new episodes
+        model.load_state_dict(torch.load(ladder["from"], weights_only=True)["model_state_dict"])
+        first = int(ladder["from"].rsplit("-", 1)[1].split(".")[0]) + 1
+    with torch.no_grad():  # an intervention: every read sharper by the same shift
+        model.memory.interface_proj.bias[model.memory.read_strength_slice] += float(
+            ladder.get("read_strength_shift", 0))
     oracle = Oracle(mode, model, cfg, task.digits)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     started, every = time.time(), 50 if steps <= 1500 else 100
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         batch = task.train_batch(step, cfg.batch_size, D.unlocked_distances(cfg, step))
         segments, masks = zip(*D.episode_segments(batch, cfg.seq_len))
         oracle.start(batch)

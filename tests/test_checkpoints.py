@@ -4,6 +4,7 @@ safe loading of untrusted files, and a NaN loss.
 Every run is the same tiny configuration on a short local corpus; one uninterrupted run
 (the `reference` fixture) is what the interrupted-and-resumed runs must reproduce.
 """
+import dataclasses
 import hashlib
 import json
 import math
@@ -398,3 +399,16 @@ def test_training_error_starts_its_own_line(args_for, tmp_path, capsys, monkeypa
     poison_loss(monkeypatch, 1)
     assert D.main(args_for(tmp_path)) == 1
     assert any(line.startswith("error:") for line in capsys.readouterr().err.splitlines())
+
+
+def test_a_checkpoint_older_than_a_field_resumes_at_that_fields_default(tmp_path):
+    cfg = D.Config()
+    older = dataclasses.asdict(cfg)
+    del older["lambda_write"]  # made before the field existed
+    path = tmp_path / "GPT2_Baseline_step1.pt"
+    torch.save({"model_state_dict": {}, "optimizer_state_dict": {}, "global_step": 1,
+                "config": older, "history": {}}, path)
+    assert D.load_checkpoint(path, cfg, None)["global_step"] == 1
+    with pytest.raises(D.ConfigError, match="made with lambda_write=0.0, this run has "
+                                            "lambda_write=0.5"):
+        D.load_checkpoint(path, dataclasses.replace(cfg, lambda_write=0.5), None)

@@ -25,7 +25,8 @@ Every 50 steps (every 100 in runs over 1,500 steps) it prints the answer digits'
 (chance ln 10 = 2.303), exact match and the mean write gate by token class, on 128 episodes
 of its own stream ("ladder"), neither the validation nor the test split. With `--save_dir=D`
 the final model is saved as D/ladder-MODE-STEPS.pt. `--from=D/ladder-MODE-K.pt` continues
-that model (with a fresh optimizer) from step K + 1 to STEPS; `--read_strength_shift=X` adds
+that model (with a fresh optimizer) from step K + 1 to STEPS (STEPS < K: only scores it,
+e.g. at another `--recall_distances`); `--read_strength_shift=X` adds
 X to the bias of every read strength's pre-activation (β^r = 1 + softplus(… + bias)) before
 training: an intervention that makes every read sharper.
 """
@@ -139,13 +140,14 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     started, every = time.time(), 50 if steps <= 1500 else 100
-    for step in range(first, steps + 1):
-        batch = task.train_batch(step, cfg.batch_size, D.unlocked_distances(cfg, step))
-        segments, masks = zip(*D.episode_segments(batch, cfg.seq_len))
-        oracle.start(batch)
-        D.train_step(model, model, optimizer, scaler, list(segments), cfg, D.StopFlag(),
-                     torch.device("cpu"), None, D.scored_targets(masks, cfg))
-        if step % every == 0 or step == steps:
+    for step in range(first, steps + 1) if first <= steps else [first - 1]:
+        if step >= first:  # with --from and STEPS below the checkpoint's: evaluate it only
+            batch = task.train_batch(step, cfg.batch_size, D.unlocked_distances(cfg, step))
+            segments, masks = zip(*D.episode_segments(batch, cfg.seq_len))
+            oracle.start(batch)
+            D.train_step(model, model, optimizer, scaler, list(segments), cfg, D.StopFlag(),
+                         torch.device("cpu"), None, D.scored_targets(masks, cfg))
+        if step % every == 0 or step == steps or step < first:
             nll, exact, gate = probe(model, oracle, episodes, cfg)
             print(f"step {step}: answer NLL {nll:.3f} per digit, exact {exact:.3f} "
                   f"({time.time() - started:.0f} s); write gate "

@@ -103,6 +103,7 @@ class Config:
     context_stride: int = 0
     curriculum_steps: int = 0
     recall_facts: int = 2
+    query_opens_segment: bool = False
     data_dir: str = ""
     cache_dir: str = ".cache/"
     inspect_tokens: int = 32
@@ -230,6 +231,9 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "the answers alone); keeps GPT-2's hidden states from collapsing (Results) at 1/k of "
         "the LM head's cost"),
     "recall_facts": "recall: facts stated, and queried, per episode",
+    "query_opens_segment": (
+        "recall: the first query starts a segment (filler after the answers fills the last "
+        "one), so even a short distance must cross a segment boundary, i.e. the memory"),
     "curriculum_steps": (
         "recall: unlock recall_distances one by one, in the order listed, over this many "
         "steps (0 = all from the start)"),
@@ -808,15 +812,19 @@ class RecallTask:
     random order, each followed by its code. Digits are separate tokens (" 4", " 7", ...), so
     every code is four tokens of ten possible values, none of which occurs in the filler.
     Filler before the facts pads each episode to a whole number of seq_len segments, so
-    segments never straddle two episodes. Training draws fresh names and codes at every
+    segments never straddle two episodes. With query_opens_segment the padding is split so
+    that the first query starts a segment (the rest of the filler follows the answers): GPT-2
+    attends within a segment only, so at any distance the facts reach the query through the
+    memory alone, which a curriculum that starts at short distances needs. Training draws fresh names and codes at every
     step from (seed, step); validation and test are fixed sets drawn from their own streams.
     """
 
     FIRST = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
     LAST = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
 
-    def __init__(self, tokenizer, seq_len, seed, facts=2):
+    def __init__(self, tokenizer, seq_len, seed, facts=2, query_opens_segment=False):
         self.seq_len, self.seed, self.facts = seq_len, seed, facts
+        self.query_opens_segment = query_opens_segment
         lines = [line for line in generated_corpus(seed)["train"].split("\n")
                  if line.strip() and "=" not in line][:1000]
         self.filler = [tokenizer.encode(line + "\n") for line in lines]
@@ -832,6 +840,9 @@ class RecallTask:
 
     def length(self, distance):
         """L: the episode's inputs, the shortest multiple of seq_len that holds it."""
+        if self.query_opens_segment:  # facts and filler, then the queries, each whole segments
+            return self.seq_len * (math.ceil((self.facts * self.fact_max + distance) / self.seq_len)
+                                   + math.ceil((self.facts * self.query_max + 1) / self.seq_len))
         need = self.facts * (self.fact_max + self.query_max) + distance + 1  # + 1: filler
         return self.seq_len * math.ceil(need / self.seq_len)
 
@@ -858,15 +869,20 @@ class RecallTask:
             put([self.digits[d] for d in codes[p]], "fact code")
             put(self.close, "fact frame")
         put(self.filler_tokens(rng, distance), "filler")
+        asked = len(body)
         for p in rng.sample(people, self.facts):
             put(self.query_open + self.names[p] + self.query_mark, "query")
             answers += range(len(body), len(body) + 4)
             put([self.digits[d] for d in codes[p]], "answer")
             put(self.close, "query")
         pad = self.length(distance) + 1 - len(body)
-        prefix = self.filler_tokens(rng, pad)
-        return (prefix + body, [TOKEN_CLASSES.index("filler")] * pad + classes,
-                [pad + a for a in answers])
+        if self.query_opens_segment:  # pad to the next segment start; the rest follows
+            pad, after = -asked % self.seq_len, pad - -asked % self.seq_len
+        else:
+            after = 0
+        filler = TOKEN_CLASSES.index("filler")
+        return (self.filler_tokens(rng, pad) + body + self.filler_tokens(rng, after),
+                [filler] * pad + classes + [filler] * after, [pad + a for a in answers])
 
     def episodes(self, rng, distance, n):
         ids, classes, answers = zip(*(self.episode(rng, distance) for _ in range(n)))
@@ -2013,7 +2029,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "carry_memory",
               "bptt_segments", "controller_grad", "zero_read_proj",
               "write_gate_bias", "read_strength_bias", "dataset", "recall_distances", "loss_on",
-              "curriculum_steps", "recall_facts",
+              "curriculum_steps", "recall_facts", "query_opens_segment",
               "context_stride", "memory_layer", "init_from")
 
 
@@ -2797,7 +2813,8 @@ def load_task(cfg, tokenizer):
     wikitext: token streams; recall: the episode generator and {distance: Episodes}.
     """
     if cfg.dataset == "recall":
-        task = RecallTask(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts)
+        task = RecallTask(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts,
+                          cfg.query_opens_segment)
         valid = task.split("valid", distances(cfg.recall_distances))
         test = task.split("test", distances(cfg.recall_test_distances or cfg.recall_distances))
         source = (f"generated long-range recall task (train distances {cfg.recall_distances}, "

@@ -126,7 +126,8 @@ def main():
                               "--read_strength_bias=0", *(arg for arg in sys.argv[3:]
                                                           if arg[2:].split("=")[0] not in ladder)])
     D.validate_config(cfg)
-    task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts)
+    task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts,
+                        cfg.query_opens_segment)
     longest = max(D.distances(cfg.recall_distances))
     episodes = task.episodes(random.Random(f"recall/{cfg.seed}/ladder"), longest, PROBE_EPISODES)
     model, first = D.build_model(cfg, True), 1

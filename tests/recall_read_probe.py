@@ -25,7 +25,8 @@ cfg = D.Config(**checkpoint["config"])
 model = D.build_model(cfg, True)
 model.load_state_dict(checkpoint["model_state_dict"])
 model.eval()
-task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts)
+task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts,
+                     cfg.query_opens_segment)
 episodes = task.episodes(random.Random(f"recall/{cfg.seed}/ladder"),
                          max(D.distances(cfg.recall_distances)), 16)
 captured, interface = [], model.memory.interface

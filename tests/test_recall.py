@@ -23,8 +23,16 @@ def task():
 
 # ─── episodes ─────────────────────────────────────────────────────────────────────────────
 
+@pytest.fixture(scope="module")
+def aligned_task():
+    return D.RecallTask(D.load_tokenizer(), 64, seed=5, query_opens_segment=True)
+
+
 @pytest.mark.parametrize("distance", [16, 100, 256])
-def test_episode_states_two_facts_then_asks_for_them_after_exactly_the_distance(task, distance):
+@pytest.mark.parametrize("aligned", [False, True])
+def test_episode_states_two_facts_then_asks_for_them_after_exactly_the_distance(
+        task, aligned_task, distance, aligned):
+    task = aligned_task if aligned else task
     tokenizer = D.load_tokenizer()
     episodes = task.episodes(random.Random(distance), distance, 6)
     n, length = episodes.answers.shape
@@ -54,6 +62,24 @@ def test_episode_states_two_facts_then_asks_for_them_after_exactly_the_distance(
         # the code digits are tokens that no filler token shares
         digits = set(task.digits)
         assert not digits & {ids[j] for j, k in enumerate(kinds) if k == classes["filler"]}
+
+
+@pytest.mark.parametrize("distance", [1, 8, 50, 64, 130])
+def test_query_opens_a_segment_so_that_only_the_memory_links_it_to_the_facts(aligned_task,
+                                                                             distance):
+    episodes = aligned_task.episodes(random.Random(distance), distance, 8)
+    query, filler = D.TOKEN_CLASSES.index("query"), D.TOKEN_CLASSES.index("filler")
+    fact_classes = [D.TOKEN_CLASSES.index(k) for k in ("fact name", "fact code", "fact frame")]
+    for kinds in episodes.classes.tolist():
+        first_query = kinds.index(query)
+        assert first_query % 64 == 0 and first_query > 0
+        assert not any(k in fact_classes for k in kinds[first_query:])
+        last_answer_close = max(j for j, k in enumerate(kinds) if k == query)
+        assert kinds[last_answer_close + 1:] and all(
+            k == filler for k in kinds[last_answer_close + 1:])
+    # the default layout ends each episode with its queries
+    plain = D.RecallTask(D.load_tokenizer(), 64, seed=5).episodes(random.Random(0), distance, 4)
+    assert (plain.classes[:, -1] == query).all()
 
 
 def test_training_draws_fresh_episodes_each_step_reproducibly(task):

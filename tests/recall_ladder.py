@@ -20,6 +20,8 @@ The run starts from `--preset=recall --recall_facts=1 --recall_distances=64
   by token kind (digit or not) writes.
 - `oracle_e17`: the gate fixed from the first step at E17's learnt mean per token class
   (`E17_GATES`): whether those writes allow a lookup at all, or only came too late.
+- `oracle_contrast`: the gate fixed at HIGH at the facts' code digits and LOW at every other
+  token (`--gate_contrast=LOW,HIGH`, default 0.3,0.6): how much contrast the lookup needs.
 
 Every 50 steps (every 100 in runs over 1,500 steps) it prints the answer digits' mean NLL
 (chance ln 10 = 2.303), exact match and the mean write gate by token class, on 128 episodes
@@ -40,7 +42,8 @@ import torch
 
 import dnc_gpt2 as D
 
-MODES = ("memory", "oracle_answer", "oracle_bag", "oracle_gate", "oracle_digits", "oracle_e17")
+MODES = ("memory", "oracle_answer", "oracle_bag", "oracle_gate", "oracle_digits", "oracle_e17",
+         "oracle_contrast")
 # the mean write gate by token class that E17 (mode memory, --memory_layer=1) had learnt
 # after 3,000 steps; oracle_e17 fixes the gate at these values from the first step
 E17_GATES = {"filler": 0.09, "fact name": 0.41, "fact code": 0.84, "fact frame": 0.26,
@@ -64,12 +67,13 @@ def oracle_reads(mode, episodes, digits, width):
 class Oracle:
     """Replaces one stage of the model for the episodes given to `start`, segment by segment."""
 
-    def __init__(self, mode, model, cfg, digits):
+    def __init__(self, mode, model, cfg, digits, contrast=(0.3, 0.6)):
         self.mode, self.cfg, self.digits, self.segment = mode, cfg, digits, 0
+        self.contrast = contrast
         self.read_and_add, self.interface = model.read_and_add, model.memory.interface
         if mode in ("oracle_answer", "oracle_bag"):
             model.read_and_add = self.oracle_read
-        if mode in ("oracle_gate", "oracle_digits", "oracle_e17"):
+        if mode in ("oracle_gate", "oracle_digits", "oracle_e17", "oracle_contrast"):
             model.memory.interface = self.oracle_gate
         self.model = model
         model.transformer.register_forward_pre_hook(self.next_segment)
@@ -80,6 +84,9 @@ class Oracle:
         classes = episodes.classes[:, :episodes.answers.shape[1]].long()
         if self.mode == "oracle_e17":
             gates = torch.tensor([E17_GATES[name] for name in D.TOKEN_CLASSES])[classes]
+        elif self.mode == "oracle_contrast":
+            low, high = self.contrast
+            gates = low + (high - low) * (classes == D.TOKEN_CLASSES.index("fact code")).float()
         else:
             gates = (classes == D.TOKEN_CLASSES.index("fact code")).float()
             if self.mode == "oracle_digits":
@@ -121,7 +128,7 @@ def main():
     if mode not in MODES:
         sys.exit(f"MODE={mode!r}: choose one of {MODES}")
     ladder = dict(arg[2:].split("=", 1) for arg in sys.argv[3:]
-                  if arg.startswith(("--from=", "--read_strength_shift=")))
+                  if arg.startswith(("--from=", "--read_strength_shift=", "--gate_contrast=")))
     cfg = D.config_from_args(["--preset=recall", "--recall_distances=64", "--recall_facts=1",
                               "--read_strength_bias=0", *(arg for arg in sys.argv[3:]
                                                           if arg[2:].split("=")[0] not in ladder)])
@@ -137,7 +144,8 @@ def main():
     with torch.no_grad():  # an intervention: every read sharper by the same shift
         model.memory.interface_proj.bias[model.memory.read_strength_slice] += float(
             ladder.get("read_strength_shift", 0))
-    oracle = Oracle(mode, model, cfg, task.digits)
+    contrast = tuple(float(x) for x in ladder.get("gate_contrast", "0.3,0.6").split(","))
+    oracle = Oracle(mode, model, cfg, task.digits, contrast)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     started, every = time.time(), 50 if steps <= 1500 else 100

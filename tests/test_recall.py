@@ -436,3 +436,15 @@ def test_oracle_e17_fixes_the_gate_at_the_listed_value_of_each_token_class(one_f
     gates = D.recall_metrics(model, {64: one_fact.episodes(random.Random(5), 64, 4)},
                              cfg)["gate_by_class"]
     assert gates == pytest.approx(ladder.E17_GATES, abs=1e-6)
+
+
+def test_oracle_contrast_writes_high_at_the_fact_code_and_low_everywhere_else(one_fact):
+    ladder = ladder_module()
+    cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1})
+    model = D.build_model(cfg, True)
+    oracle = ladder.Oracle("oracle_contrast", model, cfg, one_fact.digits, (0.2, 0.7))
+    oracle.start(one_fact.episodes(random.Random(5), 64, 4))
+    gates = D.recall_metrics(model, {64: one_fact.episodes(random.Random(5), 64, 4)},
+                             cfg)["gate_by_class"]
+    assert gates == pytest.approx({k: 0.7 if k == "fact code" else 0.2 for k in gates},
+                                  abs=1e-6)

@@ -30,7 +30,10 @@ the final model is saved as D/ladder-MODE-STEPS.pt. `--from=D/ladder-MODE-K.pt` 
 that model (with a fresh optimizer) from step K + 1 to STEPS (STEPS < K: only scores it,
 e.g. at another `--recall_distances`); `--read_strength_shift=X` adds
 X to the bias of every read strength's pre-activation (β^r = 1 + softplus(… + bias)) before
-training: an intervention that makes every read sharper.
+training: an intervention that makes every read sharper. `--gate_speed=K` makes the write
+gate learn K times faster under Adam: its row of the interface projection is divided by K
+and its pre-activation multiplied by K, so the model computes the same at the start but each
+step moves the gate's pre-activation K times as far.
 """
 import dataclasses
 import os
@@ -107,6 +110,22 @@ class Oracle:
         self.segment += 1
 
 
+def speed_up_gate(model, k):
+    """--gate_speed: g^w = σ(K·a) with a's row of the interface projection divided by K."""
+    if k == 1:
+        return
+    memory, row = model.memory, model.memory.write_gate_index
+    with torch.no_grad():
+        memory.interface_proj.weight[row] /= k
+        memory.interface_proj.bias[row] /= k
+    interface = memory.interface
+
+    def faster(h):
+        iface = interface(h)
+        return iface._replace(write_gate=torch.sigmoid(k * torch.logit(iface.write_gate, 1e-6)))
+    memory.interface = faster
+
+
 def probe(model, oracle, episodes, cfg):
     """Answer NLL per digit, exact match and the gate by class on the probe episodes."""
     nll, exact, codes, gates = 0.0, 0, 0, []
@@ -128,7 +147,8 @@ def main():
     if mode not in MODES:
         sys.exit(f"MODE={mode!r}: choose one of {MODES}")
     ladder = dict(arg[2:].split("=", 1) for arg in sys.argv[3:]
-                  if arg.startswith(("--from=", "--read_strength_shift=", "--gate_contrast=")))
+                  if arg.startswith(("--from=", "--read_strength_shift=", "--gate_contrast=",
+                                                 "--gate_speed=")))
     cfg = D.config_from_args(["--preset=recall", "--recall_distances=64", "--recall_facts=1",
                               "--read_strength_bias=0", *(arg for arg in sys.argv[3:]
                                                           if arg[2:].split("=")[0] not in ladder)])
@@ -144,6 +164,7 @@ def main():
     with torch.no_grad():  # an intervention: every read sharper by the same shift
         model.memory.interface_proj.bias[model.memory.read_strength_slice] += float(
             ladder.get("read_strength_shift", 0))
+    speed_up_gate(model, float(ladder.get("gate_speed", 1)))
     contrast = tuple(float(x) for x in ladder.get("gate_contrast", "0.3,0.6").split(","))
     oracle = Oracle(mode, model, cfg, task.digits, contrast)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)

@@ -448,3 +448,22 @@ def test_oracle_contrast_writes_high_at_the_fact_code_and_low_everywhere_else(on
                              cfg)["gate_by_class"]
     assert gates == pytest.approx({k: 0.7 if k == "fact code" else 0.2 for k in gates},
                                   abs=1e-6)
+
+
+def test_gate_speed_keeps_the_start_and_moves_the_gate_k_times_as_far_per_adam_step():
+    ladder = ladder_module()
+    cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1})
+    h = torch.randn(3, 5, cfg.hidden_size)
+    logits = []
+    for k in (1.0, 7.0):
+        torch.manual_seed(0)
+        memory = D.build_model(cfg, True).memory
+        before = memory.interface(h).write_gate
+        ladder.speed_up_gate(type("Model", (), {"memory": memory})(), k)
+        start = memory.interface(h).write_gate
+        assert torch.allclose(start, before, atol=1e-5)
+        optimizer = torch.optim.Adam(memory.parameters(), lr=1e-3)
+        memory.interface(h).write_gate.mean().backward()
+        optimizer.step()
+        logits.append(torch.logit(memory.interface(h).write_gate) - torch.logit(start))
+    assert torch.allclose(logits[1], 7.0 * logits[0], rtol=1e-3, atol=1e-6)

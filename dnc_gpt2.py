@@ -66,6 +66,7 @@ class Config:
     controller_grad: float = 0.0
     zero_read_proj: bool = False
     write_gate_bias: float = 0.0
+    allocation_gate_bias: float = 0.0
     read_strength_bias: float = 0.0
     memory_layer: int = 0
     dnc_kernel: str = "auto"
@@ -172,6 +173,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "write_gate_bias": (
         "initial bias of the write gate's logit (g^w = sigmoid(… + bias)); negative starts "
         "the memory nearly closed, e.g. −3 → g^w ≈ 0.05"),
+    "allocation_gate_bias": (
+        "initial bias of the allocation gate's logit (g^a = sigmoid(… + bias)); positive "
+        "starts every write in a fresh slot instead of half of it smeared over the rows its "
+        "write key resembles, e.g. 3 → g^a ≈ 0.95"),
     "read_strength_bias": (
         "initial bias of the read strengths' pre-activation (β^r = 1 + softplus(… + bias)); 0 "
         "starts β^r near 1.7, 10 near 11 (sharper lookups from the start)"),
@@ -491,6 +496,8 @@ def validate_config(cfg):
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.write_gate_bias), "write_gate_bias",
          f"write_gate_bias={cfg.write_gate_bias} must be a finite number"),
+        (math.isfinite(cfg.allocation_gate_bias), "allocation_gate_bias",
+         f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
         (math.isfinite(cfg.read_strength_bias), "read_strength_bias",
          f"read_strength_bias={cfg.read_strength_bias} must be a finite number"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
@@ -1528,7 +1535,8 @@ class DNCMemory(nn.Module):
         # k^w, β^w, e, v (3W + 1), f (R), g^a, g^w (2), k^r (RW), β^r (R), π (3R with links)
         sizes = [self.W, 1, self.W, self.W, self.R, 1, 1, self.R * self.W, self.R]
         self.sizes = sizes + ([3 * self.R] if self.links else [])
-        self.write_gate_index = sum(sizes[:6])  # g^w's row of the interface projection
+        self.allocation_gate_index = sum(sizes[:5])  # g^a's row of the interface projection
+        self.write_gate_index = sum(sizes[:6])  # g^w's row
         self.read_strength_slice = slice(sum(sizes[:8]), sum(sizes[:9]))  # β^r's rows
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
         # use_compile compiles one step on its own and keeps the loop over tokens in Python:
@@ -1634,13 +1642,16 @@ class GPT2LM(nn.Module):
             if cfg.zero_read_proj:  # as adapters start: the memory must earn its contribution
                 nn.init.zeros_(self.read_proj.weight)
             # a closed gate at the start keeps filler from overwriting what few facts there are
-            # before the gate has learnt what to write
+            # before the gate has learnt what to write; an allocation gate near 1 sends each
+            # write to a fresh slot, where g^a = 0.5 with a soft write key smears half of it
+            # over every row alike, so that the rows grow alike
             # β^r = 1 + softplus(x) starts near 1.7: with cosines of random keys near 0 every
             # read is then a uniform average of the slots, whose gradient barely tells a key
             # which way to turn; a larger start makes lookups sharp enough to learn from
             with torch.no_grad():
                 bias = self.memory.interface_proj.bias
                 bias[self.memory.write_gate_index] = cfg.write_gate_bias
+                bias[self.memory.allocation_gate_index] = cfg.allocation_gate_bias
                 bias[self.memory.read_strength_slice] = cfg.read_strength_bias
 
     def forward(self, input_ids, memory_state=None, scored=None):
@@ -2028,7 +2039,8 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "lr", "grad_clip", "lambda_routing", "lambda_entropy", "lambda_write", "seed",
               "carry_memory",
               "bptt_segments", "controller_grad", "zero_read_proj",
-              "write_gate_bias", "read_strength_bias", "dataset", "recall_distances", "loss_on",
+              "write_gate_bias", "allocation_gate_bias", "read_strength_bias", "dataset",
+              "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "query_opens_segment",
               "context_stride", "memory_layer", "init_from")
 

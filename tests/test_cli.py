@@ -115,6 +115,7 @@ def run_main(root, args):
     (["--lambda_routing=-0.1"], "lambda_routing"),
     (["--lambda_entropy=-1"], "lambda_entropy"),
     (["--lambda_write=-0.1"], "lambda_write"),
+    (["--allocation_gate_bias=nan"], "allocation_gate_bias"),
     (["--save_every_steps=0"], "save_every_steps"),
     (["--log_every_steps=0"], "log_every_steps"),
     (["--dropout=1.5"], "dropout"),

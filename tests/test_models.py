@@ -314,6 +314,7 @@ def test_zero_read_proj_makes_the_dnc_model_the_baseline_at_step_0_and_then_lear
 
 @pytest.mark.parametrize("option, field, inverse, shift", [
     ("write_gate_bias", "write_gate", torch.logit, -3.0),
+    ("allocation_gate_bias", "allocation_gate", torch.logit, 3.0),
     ("read_strength_bias", "read_strengths", lambda b: torch.log(torch.expm1(b - 1)), 5.0)])
 def test_interface_bias_options_move_their_field_and_nothing_else(option, field, inverse, shift):
     ids = random_ids(tiny_cfg(False))

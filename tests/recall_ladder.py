@@ -33,7 +33,9 @@ X to the bias of every read strength's pre-activation (β^r = 1 + softplus(… +
 training: an intervention that makes every read sharper. `--gate_speed=K` makes the write
 gate learn K times faster under Adam: its row of the interface projection is divided by K
 and its pre-activation multiplied by K, so the model computes the same at the start but each
-step moves the gate's pre-activation K times as far.
+step moves the gate's pre-activation K times as far. `--reinit=PART,...` (with `--from`)
+gives these parts of the saved model their initial values again before training: `interface`
+(the memory's interface projection), `read_proj`, `trunk` (GPT-2's blocks and embeddings).
 """
 import dataclasses
 import os
@@ -110,6 +112,17 @@ class Oracle:
         self.segment += 1
 
 
+REINIT = {"interface": "memory.interface_proj.", "read_proj": "read_proj.",
+          "trunk": "transformer."}
+
+
+def reinitialise(model, cfg, parts):
+    """--reinit: the named parts of a continued model back at a fresh model's values."""
+    fresh, state = D.build_model(cfg, True).state_dict(), model.state_dict()
+    prefixes = tuple(REINIT[part] for part in parts)
+    model.load_state_dict({**state, **{k: v for k, v in fresh.items() if k.startswith(prefixes)}})
+
+
 def speed_up_gate(model, k):
     """--gate_speed: g^w = σ(K·a) with a's row of the interface projection divided by K."""
     if k == 1:
@@ -148,7 +161,7 @@ def main():
         sys.exit(f"MODE={mode!r}: choose one of {MODES}")
     ladder = dict(arg[2:].split("=", 1) for arg in sys.argv[3:]
                   if arg.startswith(("--from=", "--read_strength_shift=", "--gate_contrast=",
-                                                 "--gate_speed=")))
+                                                 "--gate_speed=", "--reinit=")))
     cfg = D.config_from_args(["--preset=recall", "--recall_distances=64", "--recall_facts=1",
                               "--read_strength_bias=0", *(arg for arg in sys.argv[3:]
                                                           if arg[2:].split("=")[0] not in ladder)])
@@ -161,6 +174,7 @@ def main():
     if "from" in ladder:  # continue a saved ladder model (a fresh optimizer), new episodes
         model.load_state_dict(torch.load(ladder["from"], weights_only=True)["model_state_dict"])
         first = int(ladder["from"].rsplit("-", 1)[1].split(".")[0]) + 1
+        reinitialise(model, cfg, [p for p in ladder.get("reinit", "").split(",") if p])
     with torch.no_grad():  # an intervention: every read sharper by the same shift
         model.memory.interface_proj.bias[model.memory.read_strength_slice] += float(
             ladder.get("read_strength_shift", 0))

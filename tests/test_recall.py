@@ -467,3 +467,18 @@ def test_gate_speed_keeps_the_start_and_moves_the_gate_k_times_as_far_per_adam_s
         optimizer.step()
         logits.append(torch.logit(memory.interface(h).write_gate) - torch.logit(start))
     assert torch.allclose(logits[1], 7.0 * logits[0], rtol=1e-3, atol=1e-6)
+
+
+def test_reinit_restores_the_named_parts_to_their_initial_values_and_keeps_the_rest():
+    ladder = ladder_module()
+    cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1})
+    model = D.build_model(cfg, True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.rand_like(p) + 0.1)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    ladder.reinitialise(model, cfg, ["read_proj", "interface"])
+    fresh = D.build_model(cfg, True).state_dict()
+    for name, value in model.state_dict().items():
+        restored = name.startswith(("read_proj.", "memory.interface_proj."))
+        assert torch.equal(value, fresh[name] if restored else trained[name]), name

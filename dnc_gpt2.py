@@ -65,6 +65,7 @@ class Config:
     bptt_segments: int = 1
     controller_grad: float = 0.0
     zero_read_proj: bool = False
+    tie_embeddings: bool = True
     write_gate_bias: float = 0.0
     allocation_gate_bias: float = 0.0
     read_strength_bias: float = 0.0
@@ -180,6 +181,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "read_strength_bias": (
         "initial bias of the read strengths' pre-activation (β^r = 1 + softplus(… + bias)); 0 "
         "starts β^r near 1.7, 10 near 11 (sharper lookups from the start)"),
+    "tie_embeddings": (
+        "True: the LM head is the token embedding, as in GPT-2. False: its own copy, so that "
+        "targets the model cannot predict (the recall codes) do not pull the input embeddings "
+        "of those tokens together (README, Results: E27)"),
     "zero_read_proj": (
         "True: `read_proj` starts at zero, so that at step 0 the DNC model computes exactly "
         "the baseline's logits"),
@@ -1608,7 +1613,8 @@ class LMOutput(NamedTuple):
 
 
 class GPT2LM(nn.Module):
-    """GPT-2 with a tied LM head; with use_dnc, logits = lm_head(h + read_proj(r))."""
+    """GPT-2 (its LM head tied to the token embedding unless tie_embeddings=False); with
+    use_dnc, logits = lm_head(h + read_proj(r))."""
 
     def __init__(self, cfg, use_dnc):
         super().__init__()
@@ -1622,6 +1628,8 @@ class GPT2LM(nn.Module):
             bos_token_id=special, eos_token_id=special))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        if not cfg.tie_embeddings:
+            untie_head(self)
         self.use_dnc = use_dnc
         self.routing_stride = cfg.routing_stride
         self.controller_grad = cfg.controller_grad
@@ -1723,6 +1731,16 @@ def memory_below_head(cfg):
     return 0 < cfg.memory_layer < cfg.num_layers
 
 
+def untie_head(model):
+    """The LM head as its own parameter, starting equal to the token embedding.
+
+    Tied, an unpredictable target pulls the embeddings of its candidates together: with the
+    ten code digits at chance, their rows grow alike (pairwise cosine 0.97 after 1,000
+    recall steps), so the digits enter GPT-2 and the memory indistinguishable (Results, E27).
+    """
+    model.lm_head.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())
+
+
 def build_model(cfg, use_dnc):
     """Both models from one seed: GPT-2 is built first, so its weights are identical in both;
     with init_from, GPT-2's weights are the checkpoint's in both."""
@@ -1732,7 +1750,9 @@ def build_model(cfg, use_dnc):
         from transformers import GPT2Model
 
         pretrained = GPT2Model.from_pretrained(cfg.init_from)
-        model.transformer.load_state_dict(pretrained.state_dict())  # lm_head is tied to wte
+        model.transformer.load_state_dict(pretrained.state_dict())  # a tied lm_head follows
+        if not cfg.tie_embeddings:
+            untie_head(model)
     return model
 
 
@@ -2038,7 +2058,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "grad_clip", "lambda_routing", "lambda_entropy", "lambda_write", "seed",
               "carry_memory",
-              "bptt_segments", "controller_grad", "zero_read_proj",
+              "bptt_segments", "controller_grad", "zero_read_proj", "tie_embeddings",
               "write_gate_bias", "allocation_gate_bias", "read_strength_bias", "dataset",
               "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "query_opens_segment",

@@ -73,10 +73,12 @@ def tiny_gpt2(tmp_path_factory):
     return folder, model.eval()
 
 
-def test_init_from_takes_the_architecture_and_the_weights(tiny_gpt2):
+@pytest.mark.parametrize("tie", ["true", "false"])
+def test_init_from_takes_the_architecture_and_the_weights(tiny_gpt2, tie):
     folder, reference = tiny_gpt2
     cfg = D.config_from_args([f"--init_from={folder}", "--mem_slots=8", "--mem_width=6",
-                              "--num_reads=2", "--seq_len=20", "--dropout=0"])
+                              "--num_reads=2", "--seq_len=20", "--dropout=0",
+                              f"--tie_embeddings={tie}"])
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.n_positions,
             cfg.vocab_size) == (24, 2, 3, 40, 50257)
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))

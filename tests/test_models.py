@@ -312,6 +312,21 @@ def test_zero_read_proj_makes_the_dnc_model_the_baseline_at_step_0_and_then_lear
     assert default.read_proj.weight.abs().max() > 0
 
 
+@pytest.mark.parametrize("use_dnc", [False, True])
+def test_an_untied_head_starts_as_the_tied_one_and_then_learns_apart_from_the_embedding(use_dnc):
+    tied, untied = (D.build_model(tiny_cfg(False, tie_embeddings=t), use_dnc) for t in (True, False))
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
+    ids = random_ids(tiny_cfg(False), length=17)
+    out = untied(ids[:, :-1])
+    torch.testing.assert_close(out.logits, tied(ids[:, :-1]).logits, rtol=0, atol=0)
+    D.compute_loss(out, ids[:, 1:], tiny_cfg(False, tie_embeddings=False))[0].backward()
+    torch.optim.SGD(untied.parameters(), lr=1.0).step()
+    head, embedding = untied.lm_head.weight, untied.transformer.wte.weight
+    assert (head - embedding).abs().max() > 1e-3  # each moved by its own gradient
+    assert (embedding - tied.transformer.wte.weight).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("option, field, inverse, shift", [
     ("write_gate_bias", "write_gate", torch.logit, -3.0),
     ("allocation_gate_bias", "allocation_gate", torch.logit, 3.0),

@@ -134,10 +134,12 @@ PRESETS = {
                    num_heads=4, mem_slots=32, mem_width=32, num_reads=2, batch_size=16,
                    seq_len=64, max_steps=2000, log_every_steps=20, save_every_steps=250,
                    dropout=0.0, inspect_tokens=40, lr=1e-3, loss_on="answers",
-                   context_stride=8, read_strength_bias=10.0,  # README, Results: E6-E10
-                   memory_layer=1,  # reads reach the logits sooner (Results: L1, L2)
-                   lambda_routing=0.0, lambda_entropy=0.0, recall_distances="256",
-                   controller_grad=1.0,  # the lookup's keys must be shaped by the answers
+                   context_stride=8, memory_layer=1,  # reads reach the logits sooner (L1, L2)
+                   # the first end-to-end configuration that learns the lookup (Results: E27)
+                   tie_embeddings=False, allocation_gate_bias=3.0, read_strength_bias=0.0,
+                   lambda_routing=0.0, lambda_entropy=0.0, controller_grad=1.0,
+                   # 64 alone until step 1,000 (where E27 had learnt), then 64 and 256
+                   recall_distances="64,256", curriculum_steps=2000,
                    recall_test_distances="64,128,256,384,512"),
 }
 

@@ -10,12 +10,12 @@ two of them and the share of their variance that the digit explains (between-dig
 squares over the total). With --fresh, the same for the untrained model of the checkpoint's
 Config.
 """
-import random
 import sys
 
 import torch
 
 import dnc_gpt2 as D
+from recall_ladder import saved_model  # tests/ is on the path of a script run from it
 
 
 def mean_pairwise_cosine(x):
@@ -30,16 +30,7 @@ def digit_share_of_variance(x, tokens):
     return between / centred.pow(2).sum()
 
 
-checkpoint = torch.load(sys.argv[1], weights_only=True)
-cfg = D.Config(**checkpoint["config"])
-model = D.build_model(cfg, True)
-if "--fresh" not in sys.argv:
-    model.load_state_dict(checkpoint["model_state_dict"])
-model.eval()
-task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts,
-                    cfg.query_opens_segment)
-episodes = task.episodes(random.Random(f"recall/{cfg.seed}/ladder"),
-                         max(D.distances(cfg.recall_distances)), 32)
+cfg, model, task, episodes = saved_model(sys.argv[1], 32, trained="--fresh" not in sys.argv)
 digits = torch.tensor(task.digits)
 line = f"digit embeddings: cosine {mean_pairwise_cosine(model.transformer.wte.weight[digits]):.3f}"
 if not cfg.tie_embeddings:

@@ -139,6 +139,25 @@ def speed_up_gate(model, k):
     memory.interface = faster
 
 
+def ladder_episodes(task, cfg, n):
+    """n episodes of the ladder's own stream at the run's longest distance."""
+    return task.episodes(random.Random(f"recall/{cfg.seed}/ladder"),
+                         max(D.distances(cfg.recall_distances)), n)
+
+
+def saved_model(path, n, trained=True):
+    """(cfg, model in eval mode, task, n ladder episodes) of a model saved with --save_dir;
+    trained=False: the same Config's model at its initial values."""
+    checkpoint = torch.load(path, weights_only=True)
+    cfg = D.Config(**checkpoint["config"])
+    model = D.build_model(cfg, True)
+    if trained:
+        model.load_state_dict(checkpoint["model_state_dict"])
+    task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts,
+                        cfg.query_opens_segment)
+    return cfg, model.eval(), task, ladder_episodes(task, cfg, n)
+
+
 def probe(model, oracle, episodes, cfg):
     """Answer NLL per digit, exact match and the gate by class on the probe episodes."""
     nll, exact, codes, gates = 0.0, 0, 0, []
@@ -168,8 +187,7 @@ def main():
     D.validate_config(cfg)
     task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts,
                         cfg.query_opens_segment)
-    longest = max(D.distances(cfg.recall_distances))
-    episodes = task.episodes(random.Random(f"recall/{cfg.seed}/ladder"), longest, PROBE_EPISODES)
+    episodes = ladder_episodes(task, cfg, PROBE_EPISODES)
     model, first = D.build_model(cfg, True), 1
     if "from" in ladder:  # continue a saved ladder model (a fresh optimizer), new episodes
         model.load_state_dict(torch.load(ladder["from"], weights_only=True)["model_state_dict"])

@@ -12,23 +12,15 @@ read, the mean read strength β^r, the read weight on the slot written at the sa
 the largest read weight.
 """
 import math
-import random
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import dnc_gpt2 as D
+from recall_ladder import saved_model  # tests/ is on the path of a script run from it
 
-checkpoint = torch.load(sys.argv[1], weights_only=True)
-cfg = D.Config(**checkpoint["config"])
-model = D.build_model(cfg, True)
-model.load_state_dict(checkpoint["model_state_dict"])
-model.eval()
-task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts,
-                     cfg.query_opens_segment)
-episodes = task.episodes(random.Random(f"recall/{cfg.seed}/ladder"),
-                         max(D.distances(cfg.recall_distances)), 16)
+cfg, model, task, episodes = saved_model(sys.argv[1], 16)
 captured, interface = [], model.memory.interface
 
 

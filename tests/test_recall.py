@@ -482,3 +482,23 @@ def test_reinit_restores_the_named_parts_to_their_initial_values_and_keeps_the_r
     for name, value in model.state_dict().items():
         restored = name.startswith(("read_proj.", "memory.interface_proj."))
         assert torch.equal(value, fresh[name] if restored else trained[name]), name
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_saved_model_loads_what_the_ladder_saved_or_its_initial_values(tmp_path, trained):
+    import dataclasses
+
+    ladder = ladder_module()
+    cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1, "tie_embeddings": False})
+    model = D.build_model(cfg, True)
+    with torch.no_grad():
+        model.read_proj.weight.add_(1.0)
+    torch.save({"config": dataclasses.asdict(cfg), "model_state_dict": model.state_dict()},
+               tmp_path / "ladder-memory-7.pt")
+    loaded_cfg, loaded, task, episodes = ladder.saved_model(tmp_path / "ladder-memory-7.pt", 3,
+                                                            trained)
+    assert loaded_cfg == cfg and not loaded.training and len(episodes.ids) == 3
+    expected = model if trained else D.build_model(cfg, True)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[name]), name
+    assert torch.equal(episodes.ids, ladder.ladder_episodes(task, cfg, 3).ids)

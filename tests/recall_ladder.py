@@ -4,7 +4,9 @@ of the memory replaced by an oracle, so that each rung of the ladder isolates on
     PYTHONPATH=. python tests/recall_ladder.py MODE STEPS [--field=value ...]
 
 The run starts from `--preset=recall --recall_facts=1 --recall_distances=64
---read_strength_bias=0` (E14's setting); the arguments after STEPS override it. MODE:
+--read_strength_bias=0` (E14's setting until the preset gained `tie_embeddings=False` and
+`allocation_gate_bias=3` after E27: add `--tie_embeddings=true --allocation_gate_bias=0` to
+rerun E17-E26); the arguments after STEPS override it. MODE:
 
 - `memory`: the model as built, no oracle.
 - `oracle_answer`: the reads are replaced by the one-hot of the digit to be predicted, at the

@@ -829,8 +829,9 @@ class RecallTask:
     segments never straddle two episodes. With query_opens_segment the padding is split so
     that the first query starts a segment (the rest of the filler follows the answers): GPT-2
     attends within a segment only, so at any distance the facts reach the query through the
-    memory alone, which a curriculum that starts at short distances needs. Training draws fresh names and codes at every
-    step from (seed, step); validation and test are fixed sets drawn from their own streams.
+    memory alone, which a curriculum that starts at short distances needs. Training draws
+    fresh names and codes at every step from (seed, step); validation and test are fixed sets
+    drawn from their own streams.
     """
 
     FIRST = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
@@ -891,7 +892,8 @@ class RecallTask:
             put(self.close, "query")
         pad = self.length(distance) + 1 - len(body)
         if self.query_opens_segment:  # pad to the next segment start; the rest follows
-            pad, after = -asked % self.seq_len, pad - -asked % self.seq_len
+            before = -asked % self.seq_len
+            pad, after = before, pad - before
         else:
             after = 0
         filler = TOKEN_CLASSES.index("filler")

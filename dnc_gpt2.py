@@ -105,6 +105,7 @@ class Config:
     context_stride: int = 0
     curriculum_steps: int = 0
     recall_facts: int = 2
+    recall_queries: int = 0
     query_opens_segment: bool = False
     data_dir: str = ""
     cache_dir: str = ".cache/"
@@ -242,7 +243,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "with `loss_on=answers`: also the LM loss on every k-th target of each segment (0 = "
         "the answers alone); keeps GPT-2's hidden states from collapsing (Results) at 1/k of "
         "the LM head's cost"),
-    "recall_facts": "recall: facts stated, and queried, per episode",
+    "recall_facts": "recall: facts stated per episode",
+    "recall_queries": (
+        "recall: facts queried per episode, each once, in random order (0 = all of them); "
+        "fewer than recall_facts leaves no query answerable by elimination (Results: P1)"),
     "query_opens_segment": (
         "recall: the first query starts a segment (filler after the answers fills the last "
         "one), so even a short distance must cross a segment boundary, i.e. the memory"),
@@ -471,6 +475,9 @@ def validate_config(cfg):
                 "mem_width", "num_reads", "batch_size", "seq_len", "log_every_steps",
                 "save_every_steps", "inspect_tokens", "grad_accum_steps", "bptt_segments",
                 "routing_stride", "recall_facts", "max_new_tokens"]
+    if not 0 <= cfg.recall_queries <= cfg.recall_facts:
+        raise ConfigError(f"--recall_queries={cfg.recall_queries}: must lie between 0 (every "
+                          f"fact) and recall_facts={cfg.recall_facts}")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be a positive integer")
@@ -807,7 +814,7 @@ def carried_eval_batches(ids, seq_len, rows):
 RECALL_CHANCE = 1e-4  # exact match of a 4-digit code guessed uniformly: 1 in 10,000
 # what each token of a recall episode is, for the write gate by token class
 TOKEN_CLASSES = ("filler", "fact name", "fact code", "fact frame", "query", "answer")
-RECALL_EVAL_EPISODES = {"valid": 16, "test": 100}  # per distance; recall_facts queries each
+RECALL_EVAL_QUERIES = {"valid": 32, "test": 200}  # per distance
 
 
 class Episodes(NamedTuple):
@@ -820,10 +827,10 @@ class Episodes(NamedTuple):
 class RecallTask:
     """The long-range recall task: episodes built from pre-encoded pieces, from a seed.
 
-    An episode states recall_facts facts (2 by default), " The code of <name> is 4 7 2 9 .",
+    An episode states `facts` facts (2 by default), " The code of <name> is 4 7 2 9 .",
     then exactly `distance` tokens of filler prose, then asks " What is the code of <name> ?"
-    for every name, in a
-    random order, each followed by its code. Digits are separate tokens (" 4", " 7", ...), so
+    for `queries` of the names (all by default), each once, in a random order, each followed
+    by its code. When every fact is asked, the last query can be answered by elimination. Digits are separate tokens (" 4", " 7", ...), so
     every code is four tokens of ten possible values, none of which occurs in the filler.
     Filler before the facts pads each episode to a whole number of seq_len segments, so
     segments never straddle two episodes. With query_opens_segment the padding is split so
@@ -837,8 +844,8 @@ class RecallTask:
     FIRST = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
     LAST = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
 
-    def __init__(self, tokenizer, seq_len, seed, facts=2, query_opens_segment=False):
-        self.seq_len, self.seed, self.facts = seq_len, seed, facts
+    def __init__(self, tokenizer, seq_len, seed, facts=2, query_opens_segment=False, queries=0):
+        self.seq_len, self.seed, self.facts, self.queries = seq_len, seed, facts, queries or facts
         self.query_opens_segment = query_opens_segment
         lines = [line for line in generated_corpus(seed)["train"].split("\n")
                  if line.strip() and "=" not in line][:1000]
@@ -857,8 +864,8 @@ class RecallTask:
         """L: the episode's inputs, the shortest multiple of seq_len that holds it."""
         if self.query_opens_segment:  # facts and filler, then the queries, each whole segments
             return self.seq_len * (math.ceil((self.facts * self.fact_max + distance) / self.seq_len)
-                                   + math.ceil((self.facts * self.query_max + 1) / self.seq_len))
-        need = self.facts * (self.fact_max + self.query_max) + distance + 1  # + 1: filler
+                                   + math.ceil((self.queries * self.query_max + 1) / self.seq_len))
+        need = self.facts * self.fact_max + self.queries * self.query_max + distance + 1  # filler
         return self.seq_len * math.ceil(need / self.seq_len)
 
     def filler_tokens(self, rng, count):
@@ -885,7 +892,7 @@ class RecallTask:
             put(self.close, "fact frame")
         put(self.filler_tokens(rng, distance), "filler")
         asked = len(body)
-        for p in rng.sample(people, self.facts):
+        for p in rng.sample(people, self.queries):
             put(self.query_open + self.names[p] + self.query_mark, "query")
             answers += range(len(body), len(body) + 4)
             put([self.digits[d] for d in codes[p]], "answer")
@@ -914,8 +921,18 @@ class RecallTask:
 
     def split(self, name, distances):
         """The fixed validation or test episodes, {distance: Episodes}."""
-        rng = random.Random(f"recall/{self.seed}/{name}")
-        return {d: self.episodes(rng, d, RECALL_EVAL_EPISODES[name]) for d in distances}
+        rng, n = random.Random(f"recall/{self.seed}/{name}"), self.eval_episodes(name)
+        return {d: self.episodes(rng, d, n) for d in distances}
+
+    def eval_episodes(self, name):
+        """Episodes per distance that give at least RECALL_EVAL_QUERIES[name] queries."""
+        return math.ceil(RECALL_EVAL_QUERIES[name] / self.queries)
+
+
+def recall_task(cfg, tokenizer):
+    """The recall task of a Config."""
+    return RecallTask(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts,
+                      cfg.query_opens_segment, cfg.recall_queries)
 
 
 def episode_segments(episodes, seq_len):
@@ -2017,7 +2034,8 @@ def score_episodes(model, episodes, cfg):
 @torch.inference_mode()
 def recall_metrics(model, episodes_by_distance, cfg):
     """The recall task's metrics: per distance, exact match of the 4-digit code with its
-    Wilson interval and the code's NLL (nats, summed over its 4 digits); over all answers,
+    Wilson interval, the code's NLL (nats, summed over its 4 digits) and the exact match of
+    each episode's first query alone (never answerable by elimination); over all answers,
     loss / ppl / top1_acc per digit token (the validation curve); the DNC's mean write gate
     by token class."""
     was_training = model.training
@@ -2030,8 +2048,10 @@ def recall_metrics(model, episodes_by_distance, cfg):
         code_nll = nll[episodes.answers].view(-1, 4).sum(-1)
         exact = hit[episodes.answers].view(-1, 4).all(-1)
         low, high = wilson_interval(int(exact.sum()), len(exact))
+        first = exact.view(len(episodes.ids), -1)[:, 0]
         by_distance[distance] = {"exact": exact.float().mean().item(), "low": low, "high": high,
-                                 "answer_nll": code_nll.mean().item(), "queries": len(exact)}
+                                 "answer_nll": code_nll.mean().item(), "queries": len(exact),
+                                 "first_query_exact": first.float().mean().item()}
         digits_nll += nll[episodes.answers].sum().item()
         digits_hit += int(hit[episodes.answers].sum())
         exact_hits, queries = exact_hits + int(exact.sum()), queries + len(exact)
@@ -2065,7 +2085,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "bptt_segments", "controller_grad", "zero_read_proj", "tie_embeddings",
               "write_gate_bias", "allocation_gate_bias", "read_strength_bias", "dataset",
               "recall_distances", "loss_on",
-              "curriculum_steps", "recall_facts", "query_opens_segment",
+              "curriculum_steps", "recall_facts", "recall_queries", "query_opens_segment",
               "context_stride", "memory_layer", "init_from")
 
 
@@ -2636,10 +2656,11 @@ def comparison_table(base, dnc, source):
 
 def summary_metrics(result):
     """A model's test result as flat numbers: the table's keys, and per recall distance d
-    `exact@d` and `answer_nll@d`."""
+    `exact@d`, `answer_nll@d` and `first_query_exact@d`."""
     flat = {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "tokens"}
     for distance, m in result.get("recall", {}).items():
-        flat[f"exact@{distance}"], flat[f"answer_nll@{distance}"] = m["exact"], m["answer_nll"]
+        for key in ("exact", "answer_nll", "first_query_exact"):
+            flat[f"{key}@{distance}"] = m[key]
     return flat
 
 
@@ -2690,7 +2711,7 @@ def seeds_table(payload):
 
     for key, dnc in summary[MODEL_NAMES[1]].items():
         base = summary[MODEL_NAMES[0]].get(key)
-        label, fmt, better = rows.get(key, (key, "{:.4f}", "higher" if key.startswith("exact@")
+        label, fmt, better = rows.get(key, (key, "{:.4f}", "higher" if "exact@" in key
                                             else "lower" if key.startswith("answer_nll@")
                                             else None))
         row = f"  {label:<22}{cell(base, fmt) if base else '—':>22}{cell(dnc, fmt):>22}   "
@@ -2734,6 +2755,9 @@ def recall_table(base, dnc):
         lines.append(f"  {distance:>8}  " + "".join(
             f"{m['exact']:>7.3f} [{m['low']:.3f},{m['high']:.3f}]{m['answer_nll']:>8.2f}  "
             for m in (b, d)) + f"{b['queries']:>6}")
+    firsts = (f"{d}: {b['first_query_exact']:.3f} / {dnc['recall'][d]['first_query_exact']:.3f}"
+              for d, b in base["recall"].items())
+    lines.append("  first query of each episode alone, exact (baseline / DNC): " + ", ".join(firsts))
     if "gate_by_class" in dnc:
         gates = ", ".join(f"{name} {gate:.3f}" for name, gate in dnc["gate_by_class"].items())
         lines.append(f"  DNC mean write gate by token class: {gates}")
@@ -2744,7 +2768,8 @@ def save_recall_json(results, path):
     """plots/recall.json: the recall table for scripts."""
     payload = {"chance": RECALL_CHANCE, "distances": {
         str(d): {name: {k: results[name]["recall"][d][k]
-                        for k in ("exact", "low", "high", "answer_nll", "queries")}
+                        for k in ("exact", "low", "high", "answer_nll", "queries",
+                                  "first_query_exact")}
                  for name in MODEL_NAMES}
         for d in results[MODEL_NAMES[0]]["recall"]}}
     if "gate_by_class" in results[MODEL_NAMES[1]]:
@@ -2849,8 +2874,7 @@ def load_task(cfg, tokenizer):
     wikitext: token streams; recall: the episode generator and {distance: Episodes}.
     """
     if cfg.dataset == "recall":
-        task = RecallTask(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts,
-                          cfg.query_opens_segment)
+        task = recall_task(cfg, tokenizer)
         valid = task.split("valid", distances(cfg.recall_distances))
         test = task.split("test", distances(cfg.recall_test_distances or cfg.recall_distances))
         source = (f"generated long-range recall task (train distances {cfg.recall_distances}, "
@@ -2859,7 +2883,7 @@ def load_task(cfg, tokenizer):
         facts = int((first.classes[0] != TOKEN_CLASSES.index("filler")).nonzero()[0])
         snippet = first.ids[0, max(0, facts - 4):][:cfg.inspect_tokens]
         if is_main_process():
-            print(f"data: {source}; {RECALL_EVAL_EPISODES['test']} test episodes per distance, "
+            print(f"data: {source}; {task.eval_episodes('test')} test episodes per distance, "
                   f"fresh training episodes at every step; {hardware_summary(cfg)}")
         return task, valid, test, source, snippet
     streams, source = load_data(cfg, tokenizer)

@@ -26,7 +26,8 @@ rerun E17-E26); the arguments after STEPS override it. MODE:
   token (`--gate_contrast=LOW,HIGH`, default 0.3,0.6): how much contrast the lookup needs.
 
 Every 50 steps (every 100 in runs over 1,500 steps) it prints the answer digits' mean NLL
-(chance ln 10 = 2.303), exact match and the mean write gate by token class, on 128 episodes
+(chance ln 10 = 2.303), exact match, the exact match of each episode's first query alone
+(which elimination cannot answer) and the mean write gate by token class, on 128 episodes
 of its own stream ("ladder"), neither the validation nor the test split. With `--save_dir=D`
 the final model is saved as D/ladder-MODE-STEPS.pt. `--from=D/ladder-MODE-K.pt` continues
 that model (with a fresh optimizer) from step K + 1 to STEPS (STEPS < K: only scores it,
@@ -155,14 +156,14 @@ def saved_model(path, n, trained=True):
     model = D.build_model(cfg, True)
     if trained:
         model.load_state_dict(checkpoint["model_state_dict"])
-    task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts,
-                        cfg.query_opens_segment)
+    task = D.recall_task(cfg, D.load_tokenizer())
     return cfg, model.eval(), task, ladder_episodes(task, cfg, n)
 
 
 def probe(model, oracle, episodes, cfg):
-    """Answer NLL per digit, exact match and the gate by class on the probe episodes."""
-    nll, exact, codes, gates = 0.0, 0, 0, []
+    """Answer NLL per digit, exact match, the first query's exact match and the gate by class
+    on the probe episodes."""
+    nll, exact, first, codes, gates = 0.0, 0, 0, 0, []
     for first in range(0, len(episodes.ids), cfg.batch_size):
         part = D.Episodes(*(x[first:first + cfg.batch_size] for x in episodes))
         oracle.start(part)
@@ -170,10 +171,11 @@ def probe(model, oracle, episodes, cfg):
         queries = metrics["recall"][0]["queries"]
         nll += metrics["loss"] * queries
         exact += round(metrics["exact"] * queries)
+        first += round(metrics["recall"][0]["first_query_exact"] * len(part.ids))
         codes += queries
         gates.append(metrics.get("gate_by_class", {}))
     gate = {k: sum(g[k] for g in gates) / len(gates) for k in gates[0]}
-    return nll / codes, exact / codes, gate
+    return nll / codes, exact / codes, first / len(episodes.ids), gate
 
 
 def main():
@@ -187,8 +189,7 @@ def main():
                               "--read_strength_bias=0", *(arg for arg in sys.argv[3:]
                                                           if arg[2:].split("=")[0] not in ladder)])
     D.validate_config(cfg)
-    task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts,
-                        cfg.query_opens_segment)
+    task = D.recall_task(cfg, D.load_tokenizer())
     episodes = ladder_episodes(task, cfg, PROBE_EPISODES)
     model, first = D.build_model(cfg, True), 1
     if "from" in ladder:  # continue a saved ladder model (a fresh optimizer), new episodes
@@ -212,8 +213,9 @@ def main():
             D.train_step(model, model, optimizer, scaler, list(segments), cfg, D.StopFlag(),
                          torch.device("cpu"), None, D.scored_targets(masks, cfg))
         if step % every == 0 or step == steps or step < first:
-            nll, exact, gate = probe(model, oracle, episodes, cfg)
-            print(f"step {step}: answer NLL {nll:.3f} per digit, exact {exact:.3f} "
+            nll, exact, first, gate = probe(model, oracle, episodes, cfg)
+            print(f"step {step}: answer NLL {nll:.3f} per digit, exact {exact:.3f}, first query "
+                  f"{first:.3f} "
                   f"({time.time() - started:.0f} s); write gate "
                   + ", ".join(f"{k} {v:.2f}" for k, v in gate.items()), flush=True)
     if any(arg.startswith("--save_dir") for arg in sys.argv):  # for tests/recall_probe.py

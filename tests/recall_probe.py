@@ -34,7 +34,7 @@ cfg = D.Config(**ckpt["config"])
 model = D.build_model(cfg, True)
 model.load_state_dict(ckpt["model_state_dict"])
 model.eval()
-task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts)
+task = D.recall_task(cfg, D.load_tokenizer())
 episodes = next(iter(task.split("valid", D.distances(cfg.recall_distances)).values()))
 state = None
 with torch.no_grad():

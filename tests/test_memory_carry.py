@@ -217,7 +217,7 @@ def test_recall_preset_end_to_end_reports_accuracy_per_distance(tmp_path, monkey
     assert D.main(args) == 0
     report = json.loads((tmp_path / "plots" / "recall.json").read_text())["distances"]
     cfg = D.config_from_args(args)
-    task = D.RecallTask(D.load_tokenizer(), cfg.seq_len, cfg.seed, cfg.recall_facts)
+    task = D.recall_task(cfg, D.load_tokenizer())
     test = task.split("test", [20, 70])
     assert set(report) == {"20", "70"}
     for name, model in D.final_models(cfg, torch.device("cpu")).items():
@@ -247,8 +247,10 @@ def test_recall_preset_end_to_end_reports_accuracy_per_distance(tmp_path, monkey
             centre = (p + z * z / (2 * n)) / (1 + z * z / n)
             half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
             row = report[str(distance)][name]
-            assert row["queries"] == n == cfg.recall_facts * D.RECALL_EVAL_EPISODES["test"]
+            assert row["queries"] == n == D.RECALL_EVAL_QUERIES["test"]
             assert row["exact"] == pytest.approx(k / n, abs=1e-12)
+            first = exact.view(-1, cfg.recall_facts)[:, 0].float().mean().item()
+            assert row["first_query_exact"] == pytest.approx(first, abs=1e-12)
             # near initialisation the carried memory moves the code's NLL (about 43 nats) by
             # little (5e-5 at distance 20, 6e-6 at 70), hence the tolerance: the same batches
             # in the same precision leave only the order of the sums to differ

@@ -87,7 +87,7 @@ def test_training_draws_fresh_episodes_each_step_reproducibly(task):
     assert torch.equal(a.ids, again.ids)  # a resumed run sees the same episodes
     assert a.ids.shape != b.ids.shape or not torch.equal(a.ids, b.ids)
     valid, test = task.split("valid", [64]), task.split("test", [64])
-    assert len(test[64].ids) == D.RECALL_EVAL_EPISODES["test"]
+    assert len(test[64].ids) * task.facts == D.RECALL_EVAL_QUERIES["test"]
     assert not any(torch.equal(v, t) for v in valid[64].ids for t in test[64].ids[:16])
 
 
@@ -242,6 +242,37 @@ def test_recall_metrics_score_the_true_next_token_and_only_it(task, shift, exact
         assert metrics["recall"][70]["low"] > 0.65
 
 
+@pytest.mark.parametrize("right", [0, 1])
+def test_first_query_exact_scores_each_episodes_first_query_alone(task, monkeypatch, right):
+    """Every digit hit in query `right` of each episode and none in the other: exact 0.5,
+    first_query_exact 1 when the first query is the right one, else 0."""
+    episodes = task.episodes(random.Random(3), 70, 5)
+
+    def scored(model, episodes, cfg):
+        hit = torch.zeros(episodes.answers.shape, dtype=torch.bool)
+        for row, positions in enumerate(episodes.answers):
+            hit[row, positions.nonzero()[:, 0][4 * right:4 * right + 4]] = True
+        gates = torch.zeros(2, len(D.TOKEN_CLASSES), dtype=torch.float64)
+        return torch.ones(episodes.answers.shape, dtype=torch.float64), hit, gates
+    monkeypatch.setattr(D, "score_episodes", scored)
+    m = D.recall_metrics(nn.Linear(1, 1), {70: episodes}, D.Config())["recall"][70]
+    assert m["exact"] == 0.5 and m["queries"] == 10
+    assert m["first_query_exact"] == (1.0 if right == 0 else 0.0)
+
+
+def test_fewer_queries_than_facts_asks_distinct_facts_and_keeps_the_test_size():
+    task = D.RecallTask(D.load_tokenizer(), 64, seed=5, facts=3, queries=2)
+    episodes = task.episodes(random.Random(4), 100, 6)
+    fact = episodes.classes == D.TOKEN_CLASSES.index("fact code")
+    asked = episodes.classes == D.TOKEN_CLASSES.index("answer")
+    assert (fact.sum(1) == 12).all() and (asked.sum(1) == 8).all()
+    for row in range(6):
+        codes = episodes.ids[row][fact[row]].view(3, 4).tolist()
+        answers = episodes.ids[row][asked[row]].view(2, 4).tolist()
+        assert all(a in codes for a in answers) and answers[0] != answers[1]
+    assert len(task.split("test", [64])[64].ids) == math.ceil(D.RECALL_EVAL_QUERIES["test"] / 2)
+
+
 # ─── the memory on its own ────────────────────────────────────────────────────────────────
 
 def carry_task_accuracy(detach_state, steps=200, seed=0, kernel="eager"):
@@ -308,7 +339,7 @@ def test_recall_preset_end_to_end_writes_the_table_json_and_plot(tmp_path, capsy
     for distance, row in report["distances"].items():
         for name in D.MODEL_NAMES:
             m = row[name]
-            assert m["queries"] == 2 * D.RECALL_EVAL_EPISODES["test"]
+            assert m["queries"] == D.RECALL_EVAL_QUERIES["test"]
             assert m["low"] <= m["exact"] <= m["high"]
             assert m["answer_nll"] > 0
         printed = next(line.split() for line in lines if line.split()[:1] == [distance])
@@ -328,6 +359,8 @@ def test_recall_preset_end_to_end_writes_the_table_json_and_plot(tmp_path, capsy
     (["--dataset=recall", "--max_steps=0"], "max_steps"),
     (["--loss_on=nope"], "loss_on"),
     (["--recall_test_distances=0,5"], "recall_test_distances"),
+    (["--recall_queries=3"], "recall_queries"),
+    (["--recall_queries=-1"], "recall_queries"),
     (["--controller_grad=-1"], "controller_grad"),
 ])
 def test_bad_recall_options_exit_2_with_one_line(args, field, tmp_path, capsys):

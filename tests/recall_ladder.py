@@ -163,7 +163,7 @@ def saved_model(path, n, trained=True):
 def probe(model, oracle, episodes, cfg):
     """Answer NLL per digit, exact match, the first query's exact match and the gate by class
     on the probe episodes."""
-    nll, exact, first, codes, gates = 0.0, 0, 0, 0, []
+    nll, exact, firsts, codes, gates = 0.0, 0, 0, 0, []
     for first in range(0, len(episodes.ids), cfg.batch_size):
         part = D.Episodes(*(x[first:first + cfg.batch_size] for x in episodes))
         oracle.start(part)
@@ -171,11 +171,11 @@ def probe(model, oracle, episodes, cfg):
         queries = metrics["recall"][0]["queries"]
         nll += metrics["loss"] * queries
         exact += round(metrics["exact"] * queries)
-        first += round(metrics["recall"][0]["first_query_exact"] * len(part.ids))
+        firsts += round(metrics["recall"][0]["first_query_exact"] * len(part.ids))
         codes += queries
         gates.append(metrics.get("gate_by_class", {}))
     gate = {k: sum(g[k] for g in gates) / len(gates) for k in gates[0]}
-    return nll / codes, exact / codes, first / len(episodes.ids), gate
+    return nll / codes, exact / codes, firsts / len(episodes.ids), gate
 
 
 def main():

@@ -460,6 +460,31 @@ def test_oracle_answer_reads_the_target_digit_and_oracle_bag_every_stated_digit(
     assert D.recall_metrics(model, {64: episodes}, cfg)["exact"] == 1.0
 
 
+def test_ladder_probe_over_batches_equals_the_metrics_of_all_episodes_at_once(task,
+                                                                               monkeypatch):
+    ladder = ladder_module()
+    cfg = D.Config(**{**LADDER, "recall_facts": 2, "batch_size": 2})
+    episodes = task.episodes(random.Random(9), 64, 7)  # four batches, the last one short
+
+    def scored(model, part, cfg):  # each query right iff its first digit is even
+        hit = torch.zeros(part.answers.shape, dtype=torch.bool)
+        nll = torch.zeros(part.answers.shape, dtype=torch.float64)
+        for row, positions in enumerate(part.answers):
+            at = positions.nonzero()[:, 0]
+            nll[row, at] = torch.arange(len(at), dtype=torch.float64)
+            for query in at.view(-1, 4):
+                hit[row, query] = part.ids[row, query[0] + 1] in task.digits[::2]
+        return nll, hit, torch.zeros(2, len(D.TOKEN_CLASSES), dtype=torch.float64)
+    monkeypatch.setattr(D, "score_episodes", scored)
+    model = D.build_model(cfg, True)
+    whole = D.recall_metrics(model, {64: episodes}, cfg)
+    assert 0 < whole["recall"][64]["first_query_exact"] < 1
+    nll, exact, first, _ = ladder.probe(model, ladder.Oracle("memory", model, cfg, task.digits),
+                                        episodes, cfg)
+    assert nll == pytest.approx(whole["loss"], rel=1e-9) and exact == whole["exact"]
+    assert first == pytest.approx(whole["recall"][64]["first_query_exact"], abs=1e-6)
+
+
 def test_oracle_e17_fixes_the_gate_at_the_listed_value_of_each_token_class(one_fact):
     ladder = ladder_module()
     cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1})

@@ -5,10 +5,13 @@
 On EPISODES (default 128) episodes of the ladder's stream at the run's longest distance, at
 every answer digit whose value differs from the other fact's digit in the same place, it
 prints the mean probability the model gives to the queried fact's digit, to the other
-fact's digit, and to the other digits; then the share of queries answered
-exactly with the queried code and with the other code, for the first and the second query
-of the episode, with the two probabilities by the digit's place in the code. A model that reads both facts without binding them to their names puts
-about half of its mass on each code: asked first, it is then right half of the time.
+fact's digit and to the other digits. Then, for each query of the episode in order: its
+exact match, how often the other fact's code is given instead, and the two probabilities
+by the digit's place in the code. With two queries, last: the second query's exact match
+once the first query's answer digits are replaced by random digits, which a model that
+answers the second query by elimination (the code not yet given) then fails. A model that
+reads both facts without binding them to their names splits each digit's mass between the
+two codes.
 """
 import sys
 
@@ -37,7 +40,26 @@ def digit_probs(model, episodes, cfg, digits):
             out = model(ids[:, :-1], scored=mask, memory_state=state)
             state = out.memory_state
             probs[rows, start:start + cfg.seq_len][mask] = F.softmax(out.logits.float(), -1)[:, digits]
-    return probs[episodes.answers].view(n, cfg.recall_facts, 4, len(digits))
+    return probs[episodes.answers].view(n, -1, 4, len(digits))
+
+
+def exact_by_query(model, episodes, cfg, task, value):
+    """(queries,) exact match of each query in the episode's order, and what main needs."""
+    facts, asked = value[codes_of(episodes, "fact code")], value[codes_of(episodes, "answer")]
+    is_first_fact = (asked == facts[:, :1]).all(-1, keepdim=True)  # (n, queries, 1)
+    other = torch.where(is_first_fact, facts[:, 1:], facts[:, :1])  # the fact not asked
+    with torch.no_grad():
+        probs = digit_probs(model, episodes, cfg, task.digits)
+    return (probs.argmax(-1) == asked).all(-1).float().mean(0), probs, asked, other
+
+
+def without_first_answer(episodes, digits, generator):
+    """The episodes with the first query's four answer digits replaced by random digits."""
+    ids = episodes.ids.clone()
+    for row, classes in enumerate(episodes.classes):
+        first = (classes == D.TOKEN_CLASSES.index("answer")).nonzero()[:4, 0]
+        ids[row, first] = torch.tensor(digits)[torch.randint(10, (4,), generator=generator)]
+    return D.Episodes(ids, episodes.answers, episodes.classes)
 
 
 def main():
@@ -47,26 +69,25 @@ def main():
         sys.exit(f"recall_facts={cfg.recall_facts}: this probe compares two facts")
     value = torch.zeros(cfg.vocab_size, dtype=torch.long)
     value[task.digits] = torch.arange(10)
-    facts, asked = value[codes_of(episodes, "fact code")], value[codes_of(episodes, "answer")]
-    first_is_a = (asked[:, 0] == facts[:, 0]).all(-1)  # which fact the first query asks
-    other = torch.where(first_is_a[:, None, None], facts.flip(1), facts)  # per query
-    with torch.no_grad():
-        probs = digit_probs(model, episodes, cfg, task.digits)
+    exact, probs, asked, other = exact_by_query(model, episodes, cfg, task, value)
     right = probs.gather(-1, asked.unsqueeze(-1))[..., 0]
     wrong = probs.gather(-1, other.unsqueeze(-1))[..., 0]
-    digits = probs.sum(-1)
     differs = asked != other
     print(f"{n} episodes, {int(differs.sum())} answer digits that differ between the facts: "
           f"p(queried fact) {right[differs].mean():.3f}, p(other fact) {wrong[differs].mean():.3f}, "
-          f"p(neither) {(digits - right - wrong)[differs].mean():.3f}")
+          f"p(neither) {(probs.sum(-1) - right - wrong)[differs].mean():.3f}")
     predicted = probs.argmax(-1)
-    for q, label in enumerate(("first", "second")):
-        exact = (predicted[:, q] == asked[:, q]).all(-1).float().mean()
+    for q, label in enumerate(("first", "second")[:task.queries]):
         swapped = (predicted[:, q] == other[:, q]).all(-1).float().mean()
         by_place = " ".join(f"{right[:, q, k][differs[:, q, k]].mean():.2f}/"
                             f"{wrong[:, q, k][differs[:, q, k]].mean():.2f}" for k in range(4))
-        print(f"{label} query: exact {exact:.3f}, the other fact's code {swapped:.3f}; "
+        print(f"{label} query: exact {exact[q]:.3f}, the other fact's code {swapped:.3f}; "
               f"p(queried)/p(other) by digit place {by_place}")
+    if task.queries == 2:
+        scrambled = without_first_answer(episodes, task.digits, torch.Generator().manual_seed(0))
+        second = exact_by_query(model, scrambled, cfg, task, value)[0][1]
+        print(f"second query with random digits in place of the first answer: exact {second:.3f}"
+              " (elimination needs the first answer)")
 
 
 if __name__ == "__main__":

@@ -394,12 +394,12 @@ def test_context_stride_adds_every_kth_target_to_the_answers(task):
 
 # ─── the diagnostic ladder (tests/recall_ladder.py) ───────────────────────────────────────
 
-def ladder_module():
+def ladder_module(name="recall_ladder"):
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).with_name("recall_ladder.py")
-    spec = importlib.util.spec_from_file_location("recall_ladder", path)
+    path = pathlib.Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -483,6 +483,30 @@ def test_ladder_probe_over_batches_equals_the_metrics_of_all_episodes_at_once(ta
                                         episodes, cfg)
     assert nll == pytest.approx(whole["loss"], rel=1e-9) and exact == whole["exact"]
     assert first == pytest.approx(whole["recall"][64]["first_query_exact"], abs=1e-6)
+
+
+def test_binding_probe_finds_each_querys_other_code_and_scrambles_the_first_answer(task):
+    probe = ladder_module("recall_binding_probe")
+    cfg = D.Config(**{**LADDER, "recall_facts": 2})
+    episodes = task.episodes(random.Random(11), 64, 6)
+    value = torch.zeros(cfg.vocab_size, dtype=torch.long)
+    value[task.digits] = torch.arange(10)
+    model = D.build_model(cfg, True).eval()
+    exact, probs, asked, other = probe.exact_by_query(model, episodes, cfg, task, value)
+    assert probs.shape == (6, 2, 4, 10) and exact.shape == (2,)
+    for row in range(6):  # by hand: the two facts' codes, in the order stated, and the answers
+        kinds = episodes.classes[row]
+        codes = value[episodes.ids[row][kinds == D.TOKEN_CLASSES.index("fact code")]]
+        answers = value[episodes.ids[row][kinds == D.TOKEN_CLASSES.index("answer")]]
+        codes, answers = codes.view(2, 4).tolist(), answers.view(2, 4).tolist()
+        assert asked[row].tolist() == answers
+        assert other[row].tolist() == [codes[1 - codes.index(a)] for a in answers]
+    scrambled = probe.without_first_answer(episodes, task.digits, torch.Generator().manual_seed(0))
+    changed = (scrambled.ids != episodes.ids).nonzero()
+    first = (episodes.classes == D.TOKEN_CLASSES.index("answer")).int().cumsum(1) <= 4
+    first &= episodes.classes == D.TOKEN_CLASSES.index("answer")
+    assert changed.tolist() and all(first[r, c] for r, c in changed.tolist())
+    assert torch.isin(scrambled.ids[first], torch.tensor(task.digits)).all()
 
 
 def test_oracle_e17_fixes_the_gate_at_the_listed_value_of_each_token_class(one_fact):

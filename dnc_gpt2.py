@@ -106,6 +106,7 @@ class Config:
     curriculum_steps: int = 0
     recall_facts: int = 2
     recall_queries: int = 0
+    recall_queries_from: int = 0
     query_opens_segment: bool = False
     data_dir: str = ""
     cache_dir: str = ".cache/"
@@ -247,6 +248,9 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "recall_queries": (
         "recall: facts queried per episode, each once, in random order (0 = all of them); "
         "fewer than recall_facts leaves no query answerable by elimination (Results: P1)"),
+    "recall_queries_from": (
+        "recall: training asks every fact before this step and recall_queries facts from it "
+        "on (0 = from the start); validation and test always ask recall_queries"),
     "query_opens_segment": (
         "recall: the first query starts a segment (filler after the answers fills the last "
         "one), so even a short distance must cross a segment boundary, i.e. the memory"),
@@ -478,6 +482,9 @@ def validate_config(cfg):
     if not 0 <= cfg.recall_queries <= cfg.recall_facts:
         raise ConfigError(f"--recall_queries={cfg.recall_queries}: must lie between 0 (every "
                           f"fact) and recall_facts={cfg.recall_facts}")
+    if cfg.recall_queries_from < 0 or (cfg.recall_queries_from and not cfg.recall_queries):
+        raise ConfigError(f"--recall_queries_from={cfg.recall_queries_from}: must be >= 0, and "
+                          f"needs --recall_queries > 0 (the number asked from that step on)")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be a positive integer")
@@ -860,12 +867,13 @@ class RecallTask:
         self.query_max = (len(self.query_open) + longest_name + len(self.query_mark) + 4
                           + len(self.close))
 
-    def length(self, distance):
+    def length(self, distance, queries=None):
         """L: the episode's inputs, the shortest multiple of seq_len that holds it."""
+        queries = queries or self.queries
         if self.query_opens_segment:  # facts and filler, then the queries, each whole segments
             return self.seq_len * (math.ceil((self.facts * self.fact_max + distance) / self.seq_len)
-                                   + math.ceil((self.queries * self.query_max + 1) / self.seq_len))
-        need = self.facts * self.fact_max + self.queries * self.query_max + distance + 1  # filler
+                                   + math.ceil((queries * self.query_max + 1) / self.seq_len))
+        need = self.facts * self.fact_max + queries * self.query_max + distance + 1  # + filler
         return self.seq_len * math.ceil(need / self.seq_len)
 
     def filler_tokens(self, rng, count):
@@ -874,7 +882,7 @@ class RecallTask:
             tokens += rng.choice(self.filler)
         return tokens[:count]
 
-    def episode(self, rng, distance):
+    def episode(self, rng, distance, queries=None):
         """(ids, classes) lists of L + 1 tokens, and the indices of the queried code digits."""
         people = rng.sample(range(len(self.names)), self.facts)
         codes = {p: [rng.randrange(10) for _ in range(4)] for p in people}
@@ -892,12 +900,12 @@ class RecallTask:
             put(self.close, "fact frame")
         put(self.filler_tokens(rng, distance), "filler")
         asked = len(body)
-        for p in rng.sample(people, self.queries):
+        for p in rng.sample(people, queries or self.queries):
             put(self.query_open + self.names[p] + self.query_mark, "query")
             answers += range(len(body), len(body) + 4)
             put([self.digits[d] for d in codes[p]], "answer")
             put(self.close, "query")
-        pad = self.length(distance) + 1 - len(body)
+        pad = self.length(distance, queries) + 1 - len(body)
         if self.query_opens_segment:  # pad to the next segment start; the rest follows
             before = -asked % self.seq_len
             pad, after = before, pad - before
@@ -907,17 +915,18 @@ class RecallTask:
         return (self.filler_tokens(rng, pad) + body + self.filler_tokens(rng, after),
                 [filler] * pad + classes + [filler] * after, [pad + a for a in answers])
 
-    def episodes(self, rng, distance, n):
-        ids, classes, answers = zip(*(self.episode(rng, distance) for _ in range(n)))
-        scored = torch.zeros(n, self.length(distance), dtype=torch.bool)
+    def episodes(self, rng, distance, n, queries=None):
+        """n episodes asking `queries` facts each (None: the task's own number)."""
+        ids, classes, answers = zip(*(self.episode(rng, distance, queries) for _ in range(n)))
+        scored = torch.zeros(n, self.length(distance, queries), dtype=torch.bool)
         for row, positions in enumerate(answers):
             scored[row, [a - 1 for a in positions]] = True  # target j is token j + 1
         return Episodes(torch.tensor(ids), scored, torch.tensor(classes, dtype=torch.int8))
 
-    def train_batch(self, step, rows, distances):
+    def train_batch(self, step, rows, distances, queries=None):
         """Fresh episodes for one training step: one distance per step, all rows alike."""
         rng = random.Random(f"recall/{self.seed}/train/{step}")
-        return self.episodes(rng, rng.choice(distances), rows)
+        return self.episodes(rng, rng.choice(distances), rows, queries)
 
     def split(self, name, distances):
         """The fixed validation or test episodes, {distance: Episodes}."""
@@ -2085,7 +2094,8 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "bptt_segments", "controller_grad", "zero_read_proj", "tie_embeddings",
               "write_gate_bias", "allocation_gate_bias", "read_strength_bias", "dataset",
               "recall_distances", "loss_on",
-              "curriculum_steps", "recall_facts", "recall_queries", "query_opens_segment",
+              "curriculum_steps", "recall_facts", "recall_queries",
+              "recall_queries_from", "query_opens_segment",
               "context_stride", "memory_layer", "init_from")
 
 
@@ -2314,7 +2324,8 @@ def step_batches(units, cfg, step, steps_per_epoch):
     at each step (fresh_memory) and gradients flow through the whole episode.
     """
     if cfg.dataset == "recall":
-        episodes = units.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step))
+        episodes = units.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step),
+                                     training_queries(cfg, step))
         batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
         return list(batches), (scored_targets(masks, cfg) if cfg.loss_on == "answers" else None)
     return micro_batches(units, cfg, step, steps_per_epoch), None
@@ -2328,6 +2339,14 @@ def unlocked_distances(cfg, step):
         return listed
     unlocked = 1 + (step - 1) * len(listed) // cfg.curriculum_steps
     return listed[:min(unlocked, len(listed))]
+
+
+def training_queries(cfg, step):
+    """The query curriculum: every fact asked before step recall_queries_from, so that
+    storage and elimination start the lookup (Results: P2), recall_queries from it on."""
+    if cfg.recall_queries and step >= cfg.recall_queries_from:
+        return cfg.recall_queries
+    return cfg.recall_facts
 
 
 def scored_targets(answer_masks, cfg):

@@ -207,7 +207,8 @@ def main():
     started, every = time.time(), 50 if steps <= 1500 else 100
     for step in range(first, steps + 1) if first <= steps else [first - 1]:
         if step >= first:  # with --from and STEPS below the checkpoint's: evaluate it only
-            batch = task.train_batch(step, cfg.batch_size, D.unlocked_distances(cfg, step))
+            batch = task.train_batch(step, cfg.batch_size, D.unlocked_distances(cfg, step),
+                                     D.training_queries(cfg, step))
             segments, masks = zip(*D.episode_segments(batch, cfg.seq_len))
             oracle.start(batch)
             D.train_step(model, model, optimizer, scaler, list(segments), cfg, D.StopFlag(),

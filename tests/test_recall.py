@@ -361,12 +361,33 @@ def test_recall_preset_end_to_end_writes_the_table_json_and_plot(tmp_path, capsy
     (["--recall_test_distances=0,5"], "recall_test_distances"),
     (["--recall_queries=3"], "recall_queries"),
     (["--recall_queries=-1"], "recall_queries"),
+    (["--recall_queries_from=100"], "recall_queries_from"),
+    (["--recall_queries=1", "--recall_queries_from=-1"], "recall_queries_from"),
     (["--controller_grad=-1"], "controller_grad"),
 ])
 def test_bad_recall_options_exit_2_with_one_line(args, field, tmp_path, capsys):
     assert D.main([*args, f"--save_dir={tmp_path}/c", f"--plot_dir={tmp_path}/p"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--{field}" in err
+
+
+def test_query_curriculum_asks_every_fact_before_the_step_and_fewer_from_it(task):
+    cfg = D.Config(**{**TINY, "recall_facts": 2, "recall_queries": 1, "recall_queries_from": 50})
+    assert [D.training_queries(cfg, s) for s in (1, 49, 50, 51)] == [2, 2, 1, 1]
+    assert D.training_queries(D.Config(**{**TINY, "recall_queries": 1}), 1) == 1
+    assert D.training_queries(D.Config(**TINY), 10**6) == D.Config().recall_facts
+    answer = D.TOKEN_CLASSES.index("answer")
+    for queries in (1, 2):
+        batch = task.train_batch(7, 3, [64], queries)
+        assert ((batch.classes == answer).sum(1) == 4 * queries).all()
+        assert (batch.answers.sum(1) == 4 * queries).all()
+    # the training loop's batches follow the curriculum
+    cfg = D.Config(**{**vars(cfg), "seq_len": 64, "loss_on": "answers", "context_stride": 0})
+    for step, queries in ((49, 2), (50, 1)):
+        masks = D.step_batches(task, cfg, step, None)[1]
+        assert sum(int(m.sum()) for m in masks) == 4 * queries * cfg.batch_size
+    # the default asks the task's own number: the episodes of runs made before the option
+    assert torch.equal(task.train_batch(7, 3, [64]).ids, task.train_batch(7, 3, [64], 2).ids)
 
 
 def test_curriculum_unlocks_the_distances_in_order():

@@ -837,8 +837,9 @@ class RecallTask:
     An episode states `facts` facts (2 by default), " The code of <name> is 4 7 2 9 .",
     then exactly `distance` tokens of filler prose, then asks " What is the code of <name> ?"
     for `queries` of the names (all by default), each once, in a random order, each followed
-    by its code. When every fact is asked, the last query can be answered by elimination. Digits are separate tokens (" 4", " 7", ...), so
-    every code is four tokens of ten possible values, none of which occurs in the filler.
+    by its code; when every fact is asked, the last query can be answered by elimination.
+    Digits are separate tokens (" 4", " 7", ...), so every code is four tokens of ten
+    possible values, none of which occurs in the filler.
     Filler before the facts pads each episode to a whole number of seq_len segments, so
     segments never straddle two episodes. With query_opens_segment the padding is split so
     that the first query starts a segment (the rest of the filler follows the answers): GPT-2
@@ -2776,7 +2777,8 @@ def recall_table(base, dnc):
             for m in (b, d)) + f"{b['queries']:>6}")
     firsts = (f"{d}: {b['first_query_exact']:.3f} / {dnc['recall'][d]['first_query_exact']:.3f}"
               for d, b in base["recall"].items())
-    lines.append("  first query of each episode alone, exact (baseline / DNC): " + ", ".join(firsts))
+    lines.append("  first query of each episode alone, exact (baseline / DNC): "
+                 + ", ".join(firsts))
     if "gate_by_class" in dnc:
         gates = ", ".join(f"{name} {gate:.3f}" for name, gate in dnc["gate_by_class"].items())
         lines.append(f"  DNC mean write gate by token class: {gates}")

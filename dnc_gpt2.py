@@ -134,7 +134,7 @@ PRESETS = {
     # 64-token segments of each episode, loss on the answers (README, Results)
     "recall": dict(dataset="recall", carry_memory=True, hidden_size=128, num_layers=2,
                    num_heads=4, mem_slots=32, mem_width=32, num_reads=2, batch_size=16,
-                   seq_len=64, max_steps=2000, log_every_steps=20, save_every_steps=250,
+                   seq_len=64, max_steps=3000, log_every_steps=20, save_every_steps=250,
                    dropout=0.0, inspect_tokens=40, lr=1e-3, loss_on="answers",
                    context_stride=8, memory_layer=1,  # reads reach the logits sooner (L1, L2)
                    # the first end-to-end configuration that learns the lookup (Results: E27)
@@ -142,7 +142,10 @@ PRESETS = {
                    lambda_routing=0.0, lambda_entropy=0.0, controller_grad=1.0,
                    # 64 alone until step 1,000 (where E27 had learnt), then 64 and 256
                    recall_distances="64,256", curriculum_steps=2000,
-                   recall_test_distances="64,128,256,384,512"),
+                   recall_test_distances="64,128,256,384,512",
+                   # both facts asked until step 2,000 (storage and elimination start the
+                   # lookup), then one, which only binding answers (Results: P1-P3)
+                   recall_queries=1, recall_queries_from=2001),
 }
 
 FIELD_HELP = {  # the meaning of every Config field: --help and the README table print it

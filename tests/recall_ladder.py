@@ -4,9 +4,10 @@ of the memory replaced by an oracle, so that each rung of the ladder isolates on
     PYTHONPATH=. python tests/recall_ladder.py MODE STEPS [--field=value ...]
 
 The run starts from `--preset=recall --recall_facts=1 --recall_distances=64
---read_strength_bias=0` (E14's setting until the preset gained `tie_embeddings=False` and
-`allocation_gate_bias=3` after E27: add `--tie_embeddings=true --allocation_gate_bias=0` to
-rerun E17-E26); the arguments after STEPS override it. MODE:
+--read_strength_bias=0 --recall_queries=0 --recall_queries_from=0`, every fact asked (E14's
+setting until the preset gained `tie_embeddings=False` and `allocation_gate_bias=3` after
+E27: add `--tie_embeddings=true --allocation_gate_bias=0` to rerun E17-E26); the arguments
+after STEPS override it. MODE:
 
 - `memory`: the model as built, no oracle.
 - `oracle_answer`: the reads are replaced by the one-hot of the digit to be predicted, at the
@@ -186,7 +187,8 @@ def main():
                   if arg.startswith(("--from=", "--read_strength_shift=", "--gate_contrast=",
                                                  "--gate_speed=", "--reinit=")))
     cfg = D.config_from_args(["--preset=recall", "--recall_distances=64", "--recall_facts=1",
-                              "--read_strength_bias=0", *(arg for arg in sys.argv[3:]
+                              "--read_strength_bias=0", "--recall_queries=0",
+                              "--recall_queries_from=0", *(arg for arg in sys.argv[3:]
                                                           if arg[2:].split("=")[0] not in ladder)])
     D.validate_config(cfg)
     task = D.recall_task(cfg, D.load_tokenizer())

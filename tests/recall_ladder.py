@@ -213,12 +213,13 @@ def main():
                                      D.training_queries(cfg, step))
             segments, masks = zip(*D.episode_segments(batch, cfg.seq_len))
             oracle.start(batch)
+            D.set_learning_rate(optimizer, D.learning_rate(cfg, step, steps))
             D.train_step(model, model, optimizer, scaler, list(segments), cfg, D.StopFlag(),
                          torch.device("cpu"), None, D.scored_targets(masks, cfg))
         if step % every == 0 or step == steps or step < first:
-            nll, exact, first, gate = probe(model, oracle, episodes, cfg)
+            nll, exact, first_query, gate = probe(model, oracle, episodes, cfg)
             print(f"step {step}: answer NLL {nll:.3f} per digit, exact {exact:.3f}, first query "
-                  f"{first:.3f} "
+                  f"{first_query:.3f} "
                   f"({time.time() - started:.0f} s); write gate "
                   + ", ".join(f"{k} {v:.2f}" for k, v in gate.items()), flush=True)
     if any(arg.startswith("--save_dir") for arg in sys.argv):  # for tests/recall_probe.py

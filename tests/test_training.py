@@ -1,6 +1,10 @@
 """Training as a paired comparison: what the DNC model's GPT-2 learns when its memory cannot
 speak, step for step against the baseline."""
+import dataclasses
+import tempfile
+
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import dnc_gpt2 as D
 
@@ -48,3 +52,35 @@ def test_with_the_read_path_frozen_at_zero_gpt2_trains_exactly_as_the_baseline()
     # the control: dropout is live, so the equality above depends on the masks being shared
     x = units[:2, :-1]
     assert not torch.equal(base(x).logits, base(x).logits)
+
+
+def test_learning_rate_is_constant_then_a_half_cosine_down_to_min_lr():
+    """lr_decay_from: `lr` before the decay starts, then `min_lr` + (lr - min_lr) cos²(π t / 2)
+    with t the fraction of the decay steps taken (the half cosine, written another way)."""
+    cfg = D.Config(lr=1e-3, min_lr=1e-4, lr_decay_from=11)
+    rates = [D.learning_rate(cfg, step, 30) for step in range(1, 31)]
+    for step, rate in zip(range(1, 31), rates):
+        t = max(0, step - 11) / 19
+        assert abs(rate - (1e-4 + 9e-4 * torch.cos(torch.tensor(torch.pi * t / 2)) ** 2)) < 1e-9
+    assert rates[:11] == [1e-3] * 11 and rates[-1] == 1e-4
+    assert all(a > b for a, b in zip(rates[10:], rates[11:]))  # strictly falling once begun
+    assert {D.learning_rate(D.Config(lr=1e-3), s, 30) for s in range(1, 31)} == {1e-3}
+
+
+def test_every_optimizer_step_of_train_model_takes_the_scheduled_rate():
+    """The rate each AdamW step actually used, seen from inside the optimizer."""
+    cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 6, "lr_decay_from": 3,
+                      "min_lr": 1e-3, "save_every_steps": 100})
+    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
+    units, valid = D.training_units(ids, cfg), ids[:200]
+    used = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"]))
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            D.train_model(dataclasses.replace(cfg, save_dir=root), False, units, valid,
+                          torch.device("cpu"), "test", D.StopFlag())
+    finally:
+        hook.remove()
+    assert used == [D.learning_rate(cfg, step, 6) for step in range(1, 7)]
+    assert used[0] == cfg.lr and used[-1] == cfg.min_lr

@@ -113,7 +113,6 @@ def run_main(root, args):
     (["--lr=0"], "lr"),
     (["--lr=-1"], "lr"),
     (["--lr_decay_from=-1"], "lr_decay_from"),
-    (["--max_steps=5", "--lr_decay_from=6"], "lr_decay_from"),
     (["--min_lr=3e-4"], "min_lr"),
     (["--lambda_routing=-0.1"], "lambda_routing"),
     (["--lambda_entropy=-1"], "lambda_entropy"),

@@ -219,7 +219,9 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "0: the learning rate stays at `lr`; N: `lr` until step N, then a half cosine down to "
         "`min_lr` at the last step, so that the checkpoints before N are those of a constant "
         "rate (a warmup-stable-decay schedule without the warmup); N beyond the last step "
-        "leaves the rate constant, as `recall_queries_from` beyond it leaves both facts asked"),
+        "leaves the rate constant, as `recall_queries_from` beyond it leaves both facts asked. "
+        "The last step is max_steps (or the epochs' end): resuming with another max_steps "
+        "reshapes the decay that remains"),
     "min_lr": "the learning rate at the last step when lr_decay_from > 0",
     "grad_clip": "gradient-norm clip",
     "lambda_routing": "λ_r, weight of the routing loss",
@@ -2107,8 +2109,8 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 # a checkpoint made with other values of these cannot continue this run
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
-              "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy", "lambda_write", "seed",
-              "carry_memory",
+              "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
+              "lambda_write", "seed", "carry_memory",
               "bptt_segments", "controller_grad", "zero_read_proj", "tie_embeddings",
               "write_gate_bias", "allocation_gate_bias", "read_strength_bias", "dataset",
               "recall_distances", "loss_on",
@@ -2187,13 +2189,18 @@ def load_checkpoint(path, cfg, source):
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
         raise ConfigError(f"{path}: not a dnc_gpt2 checkpoint (missing fields); move it away or "
                           f"use another --save_dir")
-    for field in RUN_FIELDS:
-        # a field added after the checkpoint was made had its default then: options are added
-        # with the default that keeps the earlier behaviour
-        theirs, ours = ckpt["config"].get(field, getattr(Config, field)), getattr(cfg, field)
-        if theirs != ours:
-            raise ConfigError(f"{path}: made with {field}={theirs}, this run has {field}={ours}; "
-                              f"pass --{field}={theirs} or use another --save_dir")
+    # a field added after the checkpoint was made had its default then: options are added
+    # with the default that keeps the earlier behaviour. Every differing field in one line, so
+    # that a preset that changed several values needs one retry, not one per field.
+    differ = [(field, ckpt["config"].get(field, getattr(Config, field)), getattr(cfg, field))
+              for field in RUN_FIELDS]
+    differ = [(field, theirs, ours) for field, theirs, ours in differ if theirs != ours]
+    if differ:
+        made = ", ".join(f"{field}={theirs}" for field, theirs, _ in differ)
+        has = ", ".join(f"{field}={ours}" for field, _, ours in differ)
+        flags = " ".join(f"--{field}={theirs}" for field, theirs, _ in differ)
+        raise ConfigError(f"{path}: made with {made}, this run has {has}; pass {flags} or use "
+                          f"another --save_dir")
     if source is not None and ckpt.get("data_source") != source:  # None: eval_only, generate
         raise ConfigError(f"{path}: trained on {ckpt.get('data_source')}, this run reads {source}; "
                           f"use the same data or another --save_dir")
@@ -2378,6 +2385,7 @@ def learning_rate(cfg, step, total_steps):
 
 
 def set_learning_rate(optimizer, lr):
+    """Every parameter group at `lr` (a resumed optimizer brings the rate it was saved with)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 

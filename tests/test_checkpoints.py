@@ -412,3 +412,15 @@ def test_a_checkpoint_older_than_a_field_resumes_at_that_fields_default(tmp_path
     with pytest.raises(D.ConfigError, match="made with lambda_write=0.0, this run has "
                                             "lambda_write=0.5"):
         D.load_checkpoint(path, dataclasses.replace(cfg, lambda_write=0.5), None)
+
+
+def test_every_field_that_differs_is_named_in_the_one_error(tmp_path):
+    """A preset that changed two values (as the recall preset's schedule did) needs one retry."""
+    cfg = D.Config()
+    path = tmp_path / "GPT2_Baseline_step1.pt"
+    torch.save({"model_state_dict": {}, "optimizer_state_dict": {}, "global_step": 1,
+                "config": dataclasses.asdict(cfg), "history": {}}, path)
+    with pytest.raises(D.ConfigError) as error:
+        D.load_checkpoint(path, dataclasses.replace(cfg, lr_decay_from=5, min_lr=1e-5), None)
+    assert "pass --lr_decay_from=0 --min_lr=0.0 or" in str(error.value)
+    assert "this run has lr_decay_from=5, min_lr=1e-05" in str(error.value)

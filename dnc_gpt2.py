@@ -107,6 +107,7 @@ class Config:
     context_stride: int = 0
     curriculum_steps: int = 0
     recall_facts: int = 2
+    recall_facts_from: int = 0
     recall_queries: int = 0
     recall_queries_from: int = 0
     query_opens_segment: bool = False
@@ -145,10 +146,10 @@ PRESETS = {
                    # 64 alone until step 1,000 (where E27 had learnt), then 64 and 256
                    recall_distances="64,256", curriculum_steps=2000,
                    recall_test_distances="64,128,256,384,512",
-                   # both facts asked until step 2,000 (storage and elimination start the
-                   # lookup), then one, which only binding answers (Results: P1-P3)
-                   recall_queries=1, recall_queries_from=2001,
-                   # then the rate decays (Results: D1): steps 1-2,000 are P3's
+                   # one fact until step 1,500 starts the lookup as storage (E27, E28), then
+                   # two facts with one asked, which only binding answers (Results: B1, P5)
+                   recall_facts_from=1501, recall_queries=1,
+                   # the last 1,000 steps at a decaying rate (Results: D1)
                    lr_decay_from=2001, min_lr=1e-4),
 }
 
@@ -260,6 +261,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "the answers alone); keeps GPT-2's hidden states from collapsing (Results) at 1/k of "
         "the LM head's cost"),
     "recall_facts": "recall: facts stated per episode",
+    "recall_facts_from": (
+        "recall: training episodes state one fact before this step and recall_facts from it "
+        "on (0 = from the start), so the memory learns to store and return a code before it "
+        "must bind codes to names; validation and test always state recall_facts"),
     "recall_queries": (
         "recall: facts queried per episode, each once, in random order (0 = all of them); "
         "fewer than recall_facts leaves no query answerable by elimination (Results: P1)"),
@@ -497,6 +502,9 @@ def validate_config(cfg):
     if not 0 <= cfg.recall_queries <= cfg.recall_facts:
         raise ConfigError(f"--recall_queries={cfg.recall_queries}: must lie between 0 (every "
                           f"fact) and recall_facts={cfg.recall_facts}")
+    if cfg.recall_facts_from < 0:
+        raise ConfigError(f"--recall_facts_from={cfg.recall_facts_from}: must be >= 0 (0 = "
+                          f"recall_facts from the first step)")
     if cfg.recall_queries_from < 0 or (cfg.recall_queries_from and not cfg.recall_queries):
         raise ConfigError(f"--recall_queries_from={cfg.recall_queries_from}: must be >= 0, and "
                           f"needs --recall_queries > 0 (the number asked from that step on)")
@@ -887,13 +895,13 @@ class RecallTask:
         self.query_max = (len(self.query_open) + longest_name + len(self.query_mark) + 4
                           + len(self.close))
 
-    def length(self, distance, queries=None):
+    def length(self, distance, queries=None, facts=None):
         """L: the episode's inputs, the shortest multiple of seq_len that holds it."""
-        queries = queries or self.queries
+        queries, facts = queries or self.queries, facts or self.facts
         if self.query_opens_segment:  # facts and filler, then the queries, each whole segments
-            return self.seq_len * (math.ceil((self.facts * self.fact_max + distance) / self.seq_len)
+            return self.seq_len * (math.ceil((facts * self.fact_max + distance) / self.seq_len)
                                    + math.ceil((queries * self.query_max + 1) / self.seq_len))
-        need = self.facts * self.fact_max + queries * self.query_max + distance + 1  # + filler
+        need = facts * self.fact_max + queries * self.query_max + distance + 1  # + filler
         return self.seq_len * math.ceil(need / self.seq_len)
 
     def filler_tokens(self, rng, count):
@@ -902,9 +910,9 @@ class RecallTask:
             tokens += rng.choice(self.filler)
         return tokens[:count]
 
-    def episode(self, rng, distance, queries=None):
+    def episode(self, rng, distance, queries=None, facts=None):
         """(ids, classes) lists of L + 1 tokens, and the indices of the queried code digits."""
-        people = rng.sample(range(len(self.names)), self.facts)
+        people = rng.sample(range(len(self.names)), facts or self.facts)
         codes = {p: [rng.randrange(10) for _ in range(4)] for p in people}
         body, classes, answers = [], [], []
 
@@ -925,7 +933,7 @@ class RecallTask:
             answers += range(len(body), len(body) + 4)
             put([self.digits[d] for d in codes[p]], "answer")
             put(self.close, "query")
-        pad = self.length(distance, queries) + 1 - len(body)
+        pad = self.length(distance, queries, facts) + 1 - len(body)
         if self.query_opens_segment:  # pad to the next segment start; the rest follows
             before = -asked % self.seq_len
             pad, after = before, pad - before
@@ -935,18 +943,19 @@ class RecallTask:
         return (self.filler_tokens(rng, pad) + body + self.filler_tokens(rng, after),
                 [filler] * pad + classes + [filler] * after, [pad + a for a in answers])
 
-    def episodes(self, rng, distance, n, queries=None):
-        """n episodes asking `queries` facts each (None: the task's own number)."""
-        ids, classes, answers = zip(*(self.episode(rng, distance, queries) for _ in range(n)))
-        scored = torch.zeros(n, self.length(distance, queries), dtype=torch.bool)
+    def episodes(self, rng, distance, n, queries=None, facts=None):
+        """n episodes stating `facts` facts and asking `queries` of them (None: the task's)."""
+        ids, classes, answers = zip(*(self.episode(rng, distance, queries, facts)
+                                      for _ in range(n)))
+        scored = torch.zeros(n, self.length(distance, queries, facts), dtype=torch.bool)
         for row, positions in enumerate(answers):
             scored[row, [a - 1 for a in positions]] = True  # target j is token j + 1
         return Episodes(torch.tensor(ids), scored, torch.tensor(classes, dtype=torch.int8))
 
-    def train_batch(self, step, rows, distances, queries=None):
+    def train_batch(self, step, rows, distances, queries=None, facts=None):
         """Fresh episodes for one training step: one distance per step, all rows alike."""
         rng = random.Random(f"recall/{self.seed}/train/{step}")
-        return self.episodes(rng, rng.choice(distances), rows, queries)
+        return self.episodes(rng, rng.choice(distances), rows, queries, facts)
 
     def split(self, name, distances):
         """The fixed validation or test episodes, {distance: Episodes}."""
@@ -2114,7 +2123,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "bptt_segments", "controller_grad", "zero_read_proj", "tie_embeddings",
               "write_gate_bias", "allocation_gate_bias", "read_strength_bias", "dataset",
               "recall_distances", "loss_on",
-              "curriculum_steps", "recall_facts", "recall_queries",
+              "curriculum_steps", "recall_facts", "recall_facts_from", "recall_queries",
               "recall_queries_from", "query_opens_segment",
               "context_stride", "memory_layer", "init_from")
 
@@ -2350,7 +2359,7 @@ def step_batches(units, cfg, step, steps_per_epoch):
     """
     if cfg.dataset == "recall":
         episodes = units.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step),
-                                     training_queries(cfg, step))
+                                     training_queries(cfg, step), training_facts(cfg, step))
         batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
         return list(batches), (scored_targets(masks, cfg) if cfg.loss_on == "answers" else None)
     return micro_batches(units, cfg, step, steps_per_epoch), None
@@ -2366,12 +2375,21 @@ def unlocked_distances(cfg, step):
     return listed[:min(unlocked, len(listed))]
 
 
+def training_facts(cfg, step):
+    """The facts curriculum: one fact per episode before step recall_facts_from, which needs
+    no binding of code to name, so the lookup starts as storage alone (Results: E27, E28, F1);
+    recall_facts from it on."""
+    return 1 if step < cfg.recall_facts_from else cfg.recall_facts
+
+
 def training_queries(cfg, step):
     """The query curriculum: every fact asked before step recall_queries_from, so that
-    storage and elimination start the lookup (Results: P2), recall_queries from it on."""
+    storage and elimination start the lookup (Results: P2), recall_queries from it on
+    (never more than the step's facts)."""
+    facts = training_facts(cfg, step)
     if cfg.recall_queries and step >= cfg.recall_queries_from:
-        return cfg.recall_queries
-    return cfg.recall_facts
+        return min(cfg.recall_queries, facts)
+    return facts
 
 
 def learning_rate(cfg, step, total_steps):

@@ -4,8 +4,8 @@ of the memory replaced by an oracle, so that each rung of the ladder isolates on
     PYTHONPATH=. python tests/recall_ladder.py MODE STEPS [--field=value ...]
 
 The run starts from `--preset=recall --recall_facts=1 --recall_distances=64
---read_strength_bias=0 --recall_queries=0 --recall_queries_from=0 --lr_decay_from=0
---min_lr=0`, every fact asked and a constant learning rate (E14's
+--read_strength_bias=0 --recall_facts_from=0 --recall_queries=0 --recall_queries_from=0
+--lr_decay_from=0 --min_lr=0`, every fact asked and a constant learning rate (E14's
 setting until the preset gained `tie_embeddings=False` and `allocation_gate_bias=3` after
 E27: add `--tie_embeddings=true --allocation_gate_bias=0` to rerun E17-E26); the arguments
 after STEPS override it. MODE:
@@ -189,7 +189,8 @@ def main():
                                                  "--gate_speed=", "--reinit=")))
     cfg = D.config_from_args(["--preset=recall", "--recall_distances=64", "--recall_facts=1",
                               "--read_strength_bias=0", "--recall_queries=0",
-                              "--recall_queries_from=0", "--lr_decay_from=0", "--min_lr=0",
+                              "--recall_facts_from=0", "--recall_queries_from=0",
+                              "--lr_decay_from=0", "--min_lr=0",
                               *(arg for arg in sys.argv[3:]
                                 if arg[2:].split("=")[0] not in ladder)])
     D.validate_config(cfg)
@@ -212,7 +213,7 @@ def main():
     for step in range(first, steps + 1) if first <= steps else [first - 1]:
         if step >= first:  # with --from and STEPS below the checkpoint's: evaluate it only
             batch = task.train_batch(step, cfg.batch_size, D.unlocked_distances(cfg, step),
-                                     D.training_queries(cfg, step))
+                                     D.training_queries(cfg, step), D.training_facts(cfg, step))
             segments, masks = zip(*D.episode_segments(batch, cfg.seq_len))
             oracle.start(batch)
             D.set_learning_rate(optimizer, D.learning_rate(cfg, step, steps))

@@ -364,6 +364,7 @@ def test_recall_preset_end_to_end_writes_the_table_json_and_plot(tmp_path, capsy
     (["--recall_queries_from=100"], "recall_queries_from"),
     (["--recall_queries=1", "--recall_queries_from=-1"], "recall_queries_from"),
     (["--controller_grad=-1"], "controller_grad"),
+    (["--recall_facts_from=-1"], "recall_facts_from"),
 ])
 def test_bad_recall_options_exit_2_with_one_line(args, field, tmp_path, capsys):
     assert D.main([*args, f"--save_dir={tmp_path}/c", f"--plot_dir={tmp_path}/p"]) == 2
@@ -388,6 +389,29 @@ def test_query_curriculum_asks_every_fact_before_the_step_and_fewer_from_it(task
         assert sum(int(m.sum()) for m in masks) == 4 * queries * cfg.batch_size
     # the default asks the task's own number: the episodes of runs made before the option
     assert torch.equal(task.train_batch(7, 3, [64]).ids, task.train_batch(7, 3, [64], 2).ids)
+
+
+def test_facts_curriculum_states_one_fact_before_the_step_and_recall_facts_from_it(task):
+    cfg = D.Config(**{**TINY, "recall_facts": 2, "recall_facts_from": 50})
+    assert [D.training_facts(cfg, s) for s in (1, 49, 50, 51)] == [1, 1, 2, 2]
+    assert [D.training_queries(cfg, s) for s in (49, 50)] == [1, 2]  # every fact asked
+    one_query = D.Config(**{**vars(cfg), "recall_queries": 1, "recall_queries_from": 1})
+    assert [D.training_queries(one_query, s) for s in (49, 50)] == [1, 1]
+    assert D.training_facts(D.Config(**TINY), 1) == D.Config().recall_facts
+    code, name = D.TOKEN_CLASSES.index("fact code"), D.TOKEN_CLASSES.index("fact name")
+    one = task.train_batch(7, 3, [64], 1, 1)
+    assert ((one.classes == code).sum(1) == 4).all() and (one.answers.sum(1) == 4).all()
+    assert ((one.classes == name).sum(1) > 0).all()
+    assert one.answers.shape[1] == task.length(64, 1, 1) <= task.length(64)
+    # the default states the task's own number: the episodes of runs made before the option
+    assert torch.equal(task.train_batch(7, 3, [64]).ids, task.train_batch(7, 3, [64], 2, 2).ids)
+    # the training loop's batches follow it: digits occur only in the codes and the answers
+    digits = torch.tensor(task.digits)
+    cfg = D.Config(**{**vars(cfg), "seq_len": 64, "loss_on": "answers", "context_stride": 0})
+    for step, facts in ((49, 1), (50, 2)):
+        segments = D.step_batches(task, cfg, step, None)[0]
+        stated = sum(torch.isin(s[:, :-1], digits).sum(1) for s in segments)
+        assert (stated == 8 * facts).all()  # 4 digits stated and 4 answered per fact
 
 
 def test_curriculum_unlocks_the_distances_in_order():

@@ -897,7 +897,8 @@ class RecallTask:
 
     def length(self, distance, queries=None, facts=None):
         """L: the episode's inputs, the shortest multiple of seq_len that holds it."""
-        queries, facts = queries or self.queries, facts or self.facts
+        facts = facts or self.facts
+        queries = min(queries or self.queries, facts)
         if self.query_opens_segment:  # facts and filler, then the queries, each whole segments
             return self.seq_len * (math.ceil((facts * self.fact_max + distance) / self.seq_len)
                                    + math.ceil((queries * self.query_max + 1) / self.seq_len))
@@ -912,7 +913,8 @@ class RecallTask:
 
     def episode(self, rng, distance, queries=None, facts=None):
         """(ids, classes) lists of L + 1 tokens, and the indices of the queried code digits."""
-        people = rng.sample(range(len(self.names)), facts or self.facts)
+        facts = facts or self.facts
+        people = rng.sample(range(len(self.names)), facts)
         codes = {p: [rng.randrange(10) for _ in range(4)] for p in people}
         body, classes, answers = [], [], []
 
@@ -928,7 +930,7 @@ class RecallTask:
             put(self.close, "fact frame")
         put(self.filler_tokens(rng, distance), "filler")
         asked = len(body)
-        for p in rng.sample(people, queries or self.queries):
+        for p in rng.sample(people, min(queries or self.queries, facts)):
             put(self.query_open + self.names[p] + self.query_mark, "query")
             answers += range(len(body), len(body) + 4)
             put([self.digits[d] for d in codes[p]], "answer")
@@ -2377,7 +2379,7 @@ def unlocked_distances(cfg, step):
 
 def training_facts(cfg, step):
     """The facts curriculum: one fact per episode before step recall_facts_from, which needs
-    no binding of code to name, so the lookup starts as storage alone (Results: E27, E28, F1);
+    no binding of code to name, so the lookup starts as storage alone (Results: E27, E28, B1);
     recall_facts from it on."""
     return 1 if step < cfg.recall_facts_from else cfg.recall_facts
 
@@ -2425,6 +2427,12 @@ def scored_targets(answer_masks, cfg):
 def fresh_memory(cfg, step, steps_per_epoch):
     """Whether the carried DNC state starts empty at this step: each epoch, each recall step."""
     return cfg.dataset == "recall" or (step - 1) % steps_per_epoch == 0
+
+
+def input_tokens(batches):
+    """The input tokens of one step over all processes: every row of every batch, so that a
+    recall step counts its whole episode and a carried-memory step its bptt_segments segments."""
+    return world_size() * sum(batch[:, :-1].numel() for batch in batches)
 
 
 def micro_batches(units, cfg, step, steps_per_epoch):
@@ -2541,11 +2549,12 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
     model.train()
     with tqdm(total=total_steps, initial=step, desc=f"{name:<13}", dynamic_ncols=True,
               mininterval=1.0, disable=not is_main_process()) as bar:  # closed on errors too
-        started, first = time.time(), step
+        started, seen = time.time(), 0
         for step in range(step + 1, total_steps + 1):
             if fresh_memory(cfg, step, steps_per_epoch):
                 carried = None
             batches, scored = step_batches(units, cfg, step, steps_per_epoch)
+            seen += input_tokens(batches)
             set_learning_rate(optimizer, learning_rate(cfg, step, total_steps))
             sums, grad_norm, carried = train_step(runner, model, optimizer, scaler, batches, cfg,
                                                   stop, device, carried, scored)
@@ -2554,7 +2563,7 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
             stop_requested = sums.pop("stop") > 0
             log.add({k: v for k, v in sums.items() if use_dnc or k not in DNC_SUMS})
             lm = sums["lm"] / sums["tokens"]
-            tokens_per_s = (step - first) * cfg.batch_size * cfg.seq_len / (time.time() - started)
+            tokens_per_s = seen / (time.time() - started)
             if step % cfg.log_every_steps == 0:
                 history["train"].append(log.record(step))
                 if live:

@@ -141,14 +141,7 @@ else
     note "resumed run's final table differs from smoke_bf16 (sigterm_vs_uninterrupted.diff)"
 fi
 
-# 5. speed: both models interleaved in one process, eager
-step bench_eager 150 $PY tests/bench_speed.py $BENCH --cases=$EAGER_CASES
-
-# 6. torch.compile: the smoke pipeline, then the compiled speed cases
-step smoke_compile 150 $PY dnc_gpt2.py $(run_args smoke_compile) $BF16 --use_compile=true
-step bench_compiled 200 $PY tests/bench_speed.py $BENCH --cases=$COMPILED_CASES
-
-# 7. the recall preset's own paths (episodes, answer-only loss, recall metrics) on the device,
+# 4b. the recall preset's own paths (episodes, answer-only loss, recall metrics) on the device,
 # and its speed there: 100 steps of one fact at distance 64, tested at 64 and 256
 step recall 300 $PY dnc_gpt2.py --preset=recall $DEV --max_steps=100 --save_every_steps=50 \
     --recall_test_distances=64,256 --cache_dir=$CACHE --save_dir=$OUT/recall/ckpt \
@@ -156,7 +149,15 @@ step recall 300 $PY dnc_gpt2.py --preset=recall $DEV --max_steps=100 --save_ever
 note "$(grep -a -m1 '^data:' "$OUT/recall.log")"
 tr '\r' '\n' < "$OUT/recall.log" 2> /dev/null | grep -a -E '100/100 \[' | sort -s -u -t: -k1,1 \
     | sed 's/^/  /' | tee -a "$SUMMARY"
-grep -a -E '^ *(64|256) |write gate by token class' "$OUT/recall.log" 2> /dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
+grep -a -E '^ *(64|256) |write gate by token class' "$OUT/recall.log" 2> /dev/null \
+    | sed 's/^/  /' | tee -a "$SUMMARY"
+
+# 5. speed: both models interleaved in one process, eager
+step bench_eager 150 $PY tests/bench_speed.py $BENCH --cases=$EAGER_CASES
+
+# 6. torch.compile: the smoke pipeline, then the compiled speed cases
+step smoke_compile 150 $PY dnc_gpt2.py $(run_args smoke_compile) $BF16 --use_compile=true
+step bench_compiled 200 $PY tests/bench_speed.py $BENCH --cases=$COMPILED_CASES
 
 for log in bench_eager bench_compiled; do
     grep -A20 '^case' "$OUT/$log.log" 2> /dev/null | sed 's/^/  /' | tee -a "$SUMMARY"

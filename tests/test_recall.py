@@ -402,7 +402,13 @@ def test_facts_curriculum_states_one_fact_before_the_step_and_recall_facts_from_
     one = task.train_batch(7, 3, [64], 1, 1)
     assert ((one.classes == code).sum(1) == 4).all() and (one.answers.sum(1) == 4).all()
     assert ((one.classes == name).sum(1) > 0).all()
-    assert one.answers.shape[1] == task.length(64, 1, 1) <= task.length(64)
+    assert one.answers.shape[1] == task.length(64, 1, 1)
+    assert task.length(64, None, 1) < task.length(64, None, 2)  # one fact: fewer tokens
+    for distance in range(64, 200, 8):  # room for the longest fact and query, no more
+        room = task.fact_max + task.query_max + distance + 1
+        assert task.length(distance, 1, 1) == 64 * math.ceil(room / 64)
+    assert task.train_batch(7, 3, [64], None, 1).answers.sum() == 3 * 4  # asks only it
+    assert "recall_facts_from" in D.RUN_FIELDS  # a resume must not change the curriculum
     # the default states the task's own number: the episodes of runs made before the option
     assert torch.equal(task.train_batch(7, 3, [64]).ids, task.train_batch(7, 3, [64], 2, 2).ids)
     # the training loop's batches follow it: digits occur only in the codes and the answers
@@ -412,6 +418,9 @@ def test_facts_curriculum_states_one_fact_before_the_step_and_recall_facts_from_
         segments = D.step_batches(task, cfg, step, None)[0]
         stated = sum(torch.isin(s[:, :-1], digits).sum(1) for s in segments)
         assert (stated == 8 * facts).all()  # 4 digits stated and 4 answered per fact
+        episodes = task.train_batch(step, cfg.batch_size, D.unlocked_distances(cfg, step),
+                                    D.training_queries(cfg, step), facts)
+        assert D.input_tokens(segments) == episodes.answers.numel()  # tok_s: whole episodes
 
 
 def test_curriculum_unlocks_the_distances_in_order():

@@ -11,7 +11,11 @@ by the digit's place in the code. With two queries, last: the second query's exa
 once the first query's answer digits are replaced by random digits, which a model that
 answers the second query by elimination (the code not yet given) then fails. A model that
 reads both facts without binding them to their names splits each digit's mass between the
-two codes.
+two codes. Finally, where the reads go: at every position that predicts an answer digit, the
+read weight (mean over heads) on the slots the queried fact's code wrote, on those the other
+fact's code wrote, and elsewhere, and how often the other fact's slots draw more. Reads that
+favour the wrong fact are a fault of the name's addressing (the key, or the name in the
+slot), not of the code's storage or of a read too blunt to single out one slot.
 """
 import sys
 
@@ -53,6 +57,51 @@ def exact_by_query(model, episodes, cfg, task, value):
     return (probs.argmax(-1) == asked).all(-1).float().mean(0), probs, asked, other
 
 
+def dnc_trace(model, episodes, cfg):
+    """(n, length, N) write weights and (n, length, R, N) read weights of the model's DNC at
+    every position, from the eager loop, on which the model's outputs do not depend."""
+    recorded = []
+
+    def recording_step(state, iface):
+        read, state = D.dnc_step(state, iface)
+        recorded.append((state.write_weights, state.read_weights))
+        return read, state
+
+    memory = model.memory
+    saved = memory.step, memory.kernel
+    memory.step, memory.kernel = recording_step, "eager"
+    try:
+        with torch.no_grad():
+            for first in range(0, len(episodes.ids), cfg.batch_size):
+                part, state = D.Episodes(*(x[first:first + cfg.batch_size] for x in episodes)), None
+                for ids, mask in D.episode_segments(part, cfg.seq_len):
+                    state = model(ids[:, :-1], scored=mask, memory_state=state).memory_state
+    finally:
+        memory.step, memory.kernel = saved
+    per_batch = len(episodes.answers[0])
+    chunks = [recorded[i:i + per_batch] for i in range(0, len(recorded), per_batch)]
+    writes = torch.cat([torch.stack([w for w, _ in c], 1) for c in chunks])
+    reads = torch.cat([torch.stack([r for _, r in c], 1) for c in chunks])
+    return writes, reads
+
+
+def fact_read_mass(writes, reads, code_positions, answer_positions, queried, threshold=0.3):
+    """(answers, 3): the read weight, mean over heads, on the queried fact's slots, on the other
+    fact's and elsewhere, at each position that predicts an answer digit, for one episode.
+
+    writes (length, N), reads (length, R, N); code_positions (2, 4): where each fact's code
+    digits are; answer_positions (answers,) and queried (answers,): which fact each asks. A
+    fact's slots are those its four code digits wrote with a total weight above threshold.
+    """
+    owned = writes[code_positions].sum(1) > threshold  # (2, N)
+    own = owned[queried]  # (answers, N)
+    other = owned[1 - queried]
+    read = reads[answer_positions].mean(1)  # (answers, N)
+    on_own = (read * own).sum(-1)
+    on_other = (read * (other & ~own)).sum(-1)  # a slot both codes wrote counts as the queried
+    return torch.stack([on_own, on_other, read.sum(-1) - on_own - on_other], -1)
+
+
 def without_first_answer(episodes, digits, generator):
     """The episodes with the first query's four answer digits replaced by random digits."""
     ids = episodes.ids.clone()
@@ -88,6 +137,26 @@ def main():
         second = exact_by_query(model, scrambled, cfg, task, value)[0][1]
         print(f"second query with random digits in place of the first answer: exact {second:.3f}"
               " (elimination needs the first answer)")
+    print_read_mass(model, episodes, cfg, asked, value)
+
+
+def print_read_mass(model, episodes, cfg, asked, value):
+    """Where the reads go at the answers, over all episodes (fact_read_mass)."""
+    writes, reads = dnc_trace(model, episodes, cfg)
+    code = D.TOKEN_CLASSES.index("fact code")
+    rows = []
+    for row, classes in enumerate(episodes.classes[:, :-1]):
+        code_positions = (classes == code).nonzero()[:, 0].view(2, 4)
+        facts = value[episodes.ids[row, code_positions]]  # (2, 4)
+        queried = (asked[row].unsqueeze(1) == facts).all(-1).long().argmax(-1)  # (queries,)
+        answer_positions = episodes.answers[row].nonzero()[:, 0]
+        rows.append(fact_read_mass(writes[row], reads[row], code_positions, answer_positions,
+                                   queried.repeat_interleave(4)))
+    mass = torch.cat(rows)
+    print(f"reads at the {len(mass)} answer positions (mean over heads): the queried fact's code "
+          f"slots {mass[:, 0].mean():.3f}, the other fact's {mass[:, 1].mean():.3f}, elsewhere "
+          f"{mass[:, 2].mean():.3f}; the other fact's slots draw more at "
+          f"{(mass[:, 1] > mass[:, 0]).float().mean():.3f} of them")
 
 
 if __name__ == "__main__":

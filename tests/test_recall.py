@@ -563,6 +563,45 @@ def test_binding_probe_finds_each_querys_other_code_and_scrambles_the_first_answ
     assert torch.isin(scrambled.ids[first], torch.tensor(task.digits)).all()
 
 
+def test_fact_read_mass_splits_each_answer_read_by_the_fact_whose_code_wrote_the_slot():
+    probe = ladder_module("recall_binding_probe")
+    gen = torch.Generator().manual_seed(3)
+    writes = torch.rand(12, 6, generator=gen) * 0.01
+    writes[1:5, 0] += 0.3  # fact 0 owns slots 0 and 1, fact 1 owns slots 1 and 3
+    writes[1:5, 1] += 0.1
+    writes[6:10, 1] += 0.1
+    writes[6:10, 3] += 0.25
+    writes[6:10, 5] += 0.05  # 0.2 in all: under the threshold, nobody's
+    reads = torch.softmax(torch.randn(12, 2, 6, generator=gen), -1)
+    mass = probe.fact_read_mass(writes, reads, torch.tensor([[1, 2, 3, 4], [6, 7, 8, 9]]),
+                                torch.tensor([10, 11]), torch.tensor([0, 1]))
+    r10, r11 = reads[10].mean(0), reads[11].mean(0)
+    expected = [[r10[0] + r10[1], r10[3], r10[2] + r10[4] + r10[5]],
+                [r11[1] + r11[3], r11[0], r11[2] + r11[4] + r11[5]]]
+    assert torch.allclose(mass, torch.tensor(expected), atol=1e-6)
+
+
+def test_dnc_trace_records_the_write_weights_the_model_itself_computes(task):
+    probe = ladder_module("recall_binding_probe")
+    cfg = D.Config(**{**LADDER, "recall_facts": 2, "num_layers": 2, "memory_layer": 1})
+    episodes = task.episodes(random.Random(11), 64, 6)  # 6 rows: batches of 4 and of 2
+    model = D.build_model(cfg, True).eval()
+    writes, reads = probe.dnc_trace(model, episodes, cfg)
+    n, length = episodes.answers.shape
+    assert writes.shape == (n, length, cfg.mem_slots)
+    assert reads.shape == (n, length, cfg.num_reads, cfg.mem_slots)
+    assert torch.allclose(reads.sum(-1), torch.ones(n, length, cfg.num_reads), atol=1e-5)
+    assert model.memory.step is D.dnc_step and model.memory.kernel == cfg.dnc_kernel
+    model.memory.kernel = "eager"  # the fused scan may take another of two equally free slots
+    with torch.no_grad():  # the model's own run in one batch, without the recording
+        state, own = None, []
+        for ids, mask in D.episode_segments(episodes, cfg.seq_len):
+            out = model(ids[:, :-1], scored=mask, memory_state=state)
+            state = out.memory_state
+            own.append(out.write_weights)
+    assert torch.allclose(writes, torch.cat(own, 1), atol=1e-5)
+
+
 def test_oracle_e17_fixes_the_gate_at_the_listed_value_of_each_token_class(one_fact):
     ladder = ladder_module()
     cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1})

@@ -102,6 +102,26 @@ def fact_read_mass(writes, reads, code_positions, answer_positions, queried, thr
     return torch.stack([on_own, on_other, read.sum(-1) - on_own - on_other], -1)
 
 
+def shared_name_word(tokenizer, name_ids):
+    """Which word the two facts' names (lists of token ids, " First Last") have in common:
+    "first", "last" or "neither"."""
+    (first_a, last_a), (first_b, last_b) = (tokenizer.decode(ids).split() for ids in name_ids)
+    return "first" if first_a == first_b else "last" if last_a == last_b else "neither"
+
+
+def print_exact_by_shared_word(episodes, hits, tokenizer):
+    """The first query's exact match (hits: (n,) bool) by shared_name_word."""
+    name = D.TOKEN_CLASSES.index("fact name")
+    groups = {"neither": [], "first": [], "last": []}
+    for row, classes in enumerate(episodes.classes[:, :-1]):
+        where = (classes == name).nonzero()[:, 0]
+        runs = torch.tensor_split(where, (where.diff() > 1).nonzero()[:, 0] + 1)  # one per fact
+        names = [episodes.ids[row, run].tolist() for run in runs]
+        groups[shared_name_word(tokenizer, names)].append(bool(hits[row]))
+    print("first query's exact by the word the two names share: " + ", ".join(
+        f"{k} {sum(v) / len(v):.3f} ({len(v)} episodes)" for k, v in groups.items() if v))
+
+
 def without_first_answer(episodes, digits, generator):
     """The episodes with the first query's four answer digits replaced by random digits."""
     ids = episodes.ids.clone()
@@ -137,6 +157,8 @@ def main():
         second = exact_by_query(model, scrambled, cfg, task, value)[0][1]
         print(f"second query with random digits in place of the first answer: exact {second:.3f}"
               " (elimination needs the first answer)")
+    hits = (predicted[:, 0] == asked[:, 0]).all(-1)
+    print_exact_by_shared_word(episodes, hits, D.load_tokenizer())
     print_read_mass(model, episodes, cfg, asked, value)
 
 

@@ -602,6 +602,28 @@ def test_dnc_trace_records_the_write_weights_the_model_itself_computes(task):
     assert torch.allclose(writes, torch.cat(own, 1), atol=1e-5)
 
 
+def test_exact_by_shared_name_word_groups_episodes_by_the_names_in_their_text(task, capsys):
+    import re
+    probe = ladder_module("recall_binding_probe")
+    tokenizer = D.load_tokenizer()
+    pairs = {("Ada Turing", "Ada Knuth"): "first", ("Grace Hopper", "Alan Hopper"): "last",
+             ("Ada Turing", "Grace Hopper"): "neither"}
+    for (a, b), shared in pairs.items():
+        assert probe.shared_name_word(tokenizer, [tokenizer.encode(f" {a}"),
+                                                  tokenizer.encode(f" {b}")]) == shared
+    episodes = task.episodes(random.Random(4), 64, 300)  # 300 rows: every group occurs
+    hits = torch.rand(300, generator=torch.Generator().manual_seed(2)) < 0.6
+    probe.print_exact_by_shared_word(episodes, hits, tokenizer)
+    groups = {"neither": [], "first": [], "last": []}
+    for row in range(300):  # independently: the names as the episode's text states them
+        text = tokenizer.decode(episodes.ids[row].tolist())
+        (a1, a2), (b1, b2) = re.findall(r"The code of (\w+) (\w+) is", text)
+        groups["first" if a1 == b1 else "last" if a2 == b2 else "neither"].append(bool(hits[row]))
+    assert all(groups.values())
+    expected = ", ".join(f"{k} {sum(v) / len(v):.3f} ({len(v)} episodes)" for k, v in groups.items())
+    assert capsys.readouterr().out.strip().endswith(expected)
+
+
 def test_oracle_e17_fixes_the_gate_at_the_listed_value_of_each_token_class(one_fact):
     ladder = ladder_module()
     cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1})

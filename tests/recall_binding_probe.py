@@ -7,13 +7,15 @@ every answer digit whose value differs from the other fact's digit in the same p
 prints the mean probability the model gives to the queried fact's digit, to the other
 fact's digit and to the other digits. Then, for each query of the episode in order: its
 exact match, how often the other fact's code is given instead, and the two probabilities
-by the digit's place in the code. With two queries, last: the second query's exact match
-once the first query's answer digits are replaced by random digits, which a model that
-answers the second query by elimination (the code not yet given) then fails. A model that
-reads both facts without binding them to their names splits each digit's mass between the
-two codes. Finally, where the reads go: at every position that predicts an answer digit, the
+by the digit's place in the code. With two queries: the second query's exact match once
+the first query's answer digits are replaced by random digits, which a model that answers
+the second query by elimination (the code not yet given) then fails. A model that reads
+both facts without binding them to their names splits each digit's mass between the two
+codes. Then the first query's exact match split by whether the two names share their first
+name, their last name or neither. Finally, where the reads go: at every position that predicts an answer digit, the
 read weight (mean over heads) on the slots the queried fact's code wrote, on those the other
-fact's code wrote, and elsewhere, and how often the other fact's slots draw more. Reads that
+fact's code wrote, and elsewhere (with temporal links the three need not sum to one), and
+how often the other fact's slots draw more. Reads that
 favour the wrong fact are a fault of the name's addressing (the key, or the name in the
 slot), not of the code's storage or of a read too blunt to single out one slot.
 """

@@ -12,10 +12,10 @@ the first query's answer digits are replaced by random digits, which a model tha
 the second query by elimination (the code not yet given) then fails. A model that reads
 both facts without binding them to their names splits each digit's mass between the two
 codes. Then the first query's exact match split by whether the two names share their first
-name, their last name or neither. Finally, where the reads go: at every position that predicts an answer digit, the
-read weight (mean over heads) on the slots the queried fact's code wrote, on those the other
-fact's code wrote, and elsewhere (with temporal links the three need not sum to one), and
-how often the other fact's slots draw more. Reads that
+name, their last name or neither. Finally, where the reads go: at every position that
+predicts an answer digit, the read weight (mean over heads) on the slots the queried fact's
+code wrote, on those the other fact's code wrote, and elsewhere (with temporal links the
+three need not sum to one), and how often the other fact's slots draw more. Reads that
 favour the wrong fact are a fault of the name's addressing (the key, or the name in the
 slot), not of the code's storage or of a read too blunt to single out one slot.
 """

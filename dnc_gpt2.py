@@ -61,6 +61,7 @@ class Config:
     mem_width: int = 128
     num_reads: int = 4
     temporal_links: bool = False
+    temporal_links_from: int = 0
     carry_memory: bool = False
     bptt_segments: int = 1
     controller_grad: float = 0.0
@@ -69,6 +70,7 @@ class Config:
     write_gate_bias: float = 0.0
     allocation_gate_bias: float = 0.0
     read_strength_bias: float = 0.0
+    content_mode_bias: float = 0.0
     memory_layer: int = 0
     dnc_kernel: str = "auto"
     # training
@@ -171,6 +173,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "num_reads": "R, read heads",
     "temporal_links": (
         "True: the paper's link matrix, precedence and backward/content/forward read modes"),
+    "temporal_links_from": (
+        "with temporal_links: the training step from which reads follow the links; before it "
+        "every read is a content lookup, as without links, while the link matrix is kept "
+        "(0 = from the first step; Results: H5)"),
     "carry_memory": (
         "True: each batch row is one contiguous stream and the DNC state flows from each "
         "segment to the next"),
@@ -193,6 +199,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "read_strength_bias": (
         "initial bias of the read strengths' pre-activation (β^r = 1 + softplus(… + bias)); 0 "
         "starts β^r near 1.7, 10 near 11 (sharper lookups from the start)"),
+    "content_mode_bias": (
+        "with temporal_links: initial bias of the content mode's logit in every read head's "
+        "modes π = softmax(backward, content, forward); 0 starts each mode at 1/3, 2 starts "
+        "content at 0.79, so that early reads are mostly lookups (Results: H4)"),
     "tie_embeddings": (
         "True: the LM head is the token embedding, as in GPT-2. False: its own copy, so that "
         "targets the model cannot predict (the recall codes) do not pull the input embeddings "
@@ -548,6 +558,11 @@ def validate_config(cfg):
          f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
         (math.isfinite(cfg.read_strength_bias), "read_strength_bias",
          f"read_strength_bias={cfg.read_strength_bias} must be a finite number"),
+        (cfg.temporal_links_from >= 0 and (cfg.temporal_links or not cfg.temporal_links_from),
+         "temporal_links_from", f"temporal_links_from={cfg.temporal_links_from}: must be >= 0, "
+         "and needs --temporal_links=true (0 = the links followed from the first step)"),
+        (math.isfinite(cfg.content_mode_bias), "content_mode_bias",
+         f"content_mode_bias={cfg.content_mode_bias} must be a finite number"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
          f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
          f"from the memory's interface into GPT-2, 1: all of it)"),
@@ -1591,6 +1606,14 @@ def fused_scan(state, iface):
     return reads, write_weights, DNCState(*final)
 
 
+def content_only(modes):
+    """π = (0, 1, 0) in every head: each read is its content lookup alone, exactly as without
+    links, and no gradient reaches the modes' logits."""
+    only = torch.zeros_like(modes)
+    only[..., 1] = 1
+    return only
+
+
 class DNCMemory(nn.Module):
     """The interface layer from the controller output h_t, and the loop of dnc_step over tokens."""
 
@@ -1598,12 +1621,15 @@ class DNCMemory(nn.Module):
         super().__init__()
         self.N, self.W, self.R = cfg.mem_slots, cfg.mem_width, cfg.num_reads
         self.links = cfg.temporal_links
+        self.follow_links = True  # False before step temporal_links_from (set_link_reads)
         # k^w, β^w, e, v (3W + 1), f (R), g^a, g^w (2), k^r (RW), β^r (R), π (3R with links)
         sizes = [self.W, 1, self.W, self.W, self.R, 1, 1, self.R * self.W, self.R]
         self.sizes = sizes + ([3 * self.R] if self.links else [])
         self.allocation_gate_index = sum(sizes[:5])  # g^a's row of the interface projection
         self.write_gate_index = sum(sizes[:6])  # g^w's row
         self.read_strength_slice = slice(sum(sizes[:8]), sum(sizes[:9]))  # β^r's rows
+        # π's rows are (backward, content, forward) per head: content is every third from + 1
+        self.content_mode_slice = slice(sum(sizes) + 1, sum(self.sizes), 3)
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
         # use_compile compiles one step on its own and keeps the loop over tokens in Python:
         # the compiler then neither unrolls T steps nor recompiles per step (shapes are fixed)
@@ -1615,6 +1641,8 @@ class DNCMemory(nn.Module):
         parts = self.interface_proj(h).split(self.sizes, dim=-1)
         k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
         modes = torch.softmax(parts[9].unflatten(-1, (self.R, 3)), dim=-1) if self.links else None
+        if self.links and not self.follow_links:
+            modes = content_only(modes)
         return DNCInterface(k_w, oneplus(b_w), torch.sigmoid(e), v, torch.sigmoid(f),
                             torch.sigmoid(g_a), torch.sigmoid(g_w),
                             k_r.unflatten(-1, (self.R, self.W)), oneplus(b_r), modes)
@@ -1717,11 +1745,14 @@ class GPT2LM(nn.Module):
             # β^r = 1 + softplus(x) starts near 1.7: with cosines of random keys near 0 every
             # read is then a uniform average of the slots, whose gradient barely tells a key
             # which way to turn; a larger start makes lookups sharp enough to learn from
+            # with links, uniform read modes send two thirds of every early read along links
+            # between slots that hold nothing useful yet, which weakens the lookup's gradient
             with torch.no_grad():
                 bias = self.memory.interface_proj.bias
                 bias[self.memory.write_gate_index] = cfg.write_gate_bias
                 bias[self.memory.allocation_gate_index] = cfg.allocation_gate_bias
                 bias[self.memory.read_strength_slice] = cfg.read_strength_bias
+                bias[self.memory.content_mode_slice] = cfg.content_mode_bias
 
     def forward(self, input_ids, memory_state=None, scored=None):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
@@ -2119,11 +2150,13 @@ def evaluate_split(model, data, cfg):
 MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 # a checkpoint made with other values of these cannot continue this run
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
-              "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
+              "mem_slots", "mem_width", "num_reads", "temporal_links", "temporal_links_from",
+              "batch_size", "seq_len",
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
               "lambda_write", "seed", "carry_memory",
               "bptt_segments", "controller_grad", "zero_read_proj", "tie_embeddings",
-              "write_gate_bias", "allocation_gate_bias", "read_strength_bias", "dataset",
+              "write_gate_bias", "allocation_gate_bias", "read_strength_bias",
+              "content_mode_bias", "dataset",
               "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_facts_from", "recall_queries",
               "recall_queries_from", "query_opens_segment",
@@ -2394,6 +2427,15 @@ def training_queries(cfg, step):
     return facts
 
 
+def set_link_reads(model, cfg, step):
+    """The links curriculum: before step temporal_links_from every read is a content lookup,
+    so the lookup starts as in a DNC without links, which started on every seed where links
+    from the first step did not (Results: H3b, H4); from it on the read modes may follow the
+    links, which by then hold the order of the writes."""
+    if model.use_dnc and cfg.temporal_links:
+        model.memory.follow_links = step >= cfg.temporal_links_from
+
+
 def learning_rate(cfg, step, total_steps):
     """Constant `lr` before step lr_decay_from, then a half cosine from `lr` at lr_decay_from
     to `min_lr` at total_steps. At a constant rate the recall checks swing by up to 0.3 from
@@ -2556,6 +2598,7 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
             batches, scored = step_batches(units, cfg, step, steps_per_epoch)
             seen += input_tokens(batches)
             set_learning_rate(optimizer, learning_rate(cfg, step, total_steps))
+            set_link_reads(model, cfg, step)
             sums, grad_norm, carried = train_step(runner, model, optimizer, scaler, batches, cfg,
                                                   stop, device, carried, scored)
             check_finite(name, step, sums.pop("total") / sums["tokens"],

@@ -118,6 +118,9 @@ def run_main(root, args):
     (["--lambda_entropy=-1"], "lambda_entropy"),
     (["--lambda_write=-0.1"], "lambda_write"),
     (["--allocation_gate_bias=nan"], "allocation_gate_bias"),
+    (["--content_mode_bias=inf"], "content_mode_bias"),
+    (["--temporal_links_from=1501"], "temporal_links_from"),  # without temporal_links
+    (["--temporal_links=true", "--temporal_links_from=-1"], "temporal_links_from"),
     (["--save_every_steps=0"], "save_every_steps"),
     (["--log_every_steps=0"], "log_every_steps"),
     (["--dropout=1.5"], "dropout"),

@@ -440,3 +440,44 @@ def test_memory_layer_bad_values_are_one_line_errors(args, message, capsys):
     assert D.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_content_mode_bias_moves_the_content_mode_of_every_head_and_nothing_else():
+    ids = random_ids(tiny_cfg(False))
+    models = [D.build_model(tiny_cfg(True, content_mode_bias=b), True)
+              for b in (0.0, 2.0)]
+    with torch.no_grad():
+        default, moved = (m.memory.interface(m.transformer(ids).last_hidden_state) for m in models)
+    log_modes = [iface.read_modes.double().log() for iface in (default, moved)]
+    # π = softmax(backward, content, forward): the content logit alone gains 2 in every head
+    ratio = [(m[..., 1] - m[..., 0], m[..., 2] - m[..., 0]) for m in log_modes]
+    torch.testing.assert_close(ratio[1][0], ratio[0][0] + 2.0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ratio[1][1], ratio[0][1], rtol=0, atol=1e-5)
+    assert moved.read_modes.shape[-2:] == (tiny_cfg(False).num_reads, 3)
+    for other in D.DNCInterface._fields:
+        if other != "read_modes":
+            assert torch.equal(getattr(default, other), getattr(moved, other)), other
+
+
+def test_before_temporal_links_from_a_links_model_reads_as_one_without_links():
+    """The links curriculum: before the step, π = (0, 1, 0) makes every read the content
+    lookup alone, so the model computes what the same weights compute without links, and
+    its read modes get no gradient; from the step on they do, and the reads differ."""
+    cfg = tiny_cfg(True, temporal_links_from=5)
+    links = D.build_model(cfg, True)
+    plain = D.build_model(tiny_cfg(False), True)
+    rows = plain.memory.interface_proj.weight.shape[0]  # π's rows come last
+    plain.load_state_dict({k: v[:rows] if k.startswith("memory.interface_proj") else v
+                           for k, v in links.state_dict().items()})
+    ids = random_ids(cfg, length=17)
+    mode_grads = []
+    for step in (4, 5):
+        D.set_link_reads(links, cfg, step)
+        links.zero_grad()
+        logits = links(ids[:, :-1]).logits
+        logits.square().mean().backward()
+        mode_grads.append(links.memory.interface_proj.weight.grad[rows:].abs().max().item())
+        difference = (logits - plain(ids[:, :-1]).logits).abs().max().item()
+        assert (difference == 0) == (step == 4), (step, difference)
+    assert mode_grads[0] == 0 and mode_grads[1] > 0
+    assert links.memory.interface_proj.weight.shape[0] == rows + 3 * cfg.num_reads

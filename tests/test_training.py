@@ -85,3 +85,24 @@ def test_every_optimizer_step_of_train_model_takes_the_scheduled_rate():
         hook.remove()
     assert used == [D.learning_rate(cfg, step, 6) for step in range(1, 7)]
     assert used[0] == cfg.lr and used[-1] == cfg.min_lr
+
+
+def test_train_model_reads_along_the_links_from_temporal_links_from(monkeypatch):
+    """set_link_reads runs at every step of train_model: seen from inside the optimizer, the
+    memory followed the links on steps 3 and 4 only."""
+    cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 4, "save_every_steps": 100,
+                      "temporal_links": True, "temporal_links_from": 3})
+    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
+    units, valid = D.training_units(ids, cfg), ids[:200]
+    built, build = [], D.build_model
+    monkeypatch.setattr(D, "build_model", lambda *args: built.append(build(*args)) or built[-1])
+    followed = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: followed.append(built[0].memory.follow_links))
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            D.train_model(dataclasses.replace(cfg, save_dir=root), True, units, valid,
+                          torch.device("cpu"), "test", D.StopFlag())
+    finally:
+        hook.remove()
+    assert followed == [False, False, True, True]

@@ -12,7 +12,9 @@ the first query's answer digits are replaced by random digits, which a model tha
 the second query by elimination (the code not yet given) then fails. A model that reads
 both facts without binding them to their names splits each digit's mass between the two
 codes. Then the first query's exact match split by whether the two names share their first
-name, their last name or neither. Finally, where the reads go: at every position that
+name, their last name or neither, and by whether the fact stated first or second is asked
+(a fact whose code slots also hold the name stated before it would be confused one way more
+than the other). Finally, where the reads go: at every position that
 predicts an answer digit, the read weight (mean over heads) on the slots the queried fact's
 code wrote, on those the other fact's code wrote, and elsewhere (with temporal links the
 three need not sum to one), and how often the other fact's slots draw more. Reads that
@@ -124,6 +126,16 @@ def print_exact_by_shared_word(episodes, hits, tokenizer):
         f"{k} {sum(v) / len(v):.3f} ({len(v)} episodes)" for k, v in groups.items() if v))
 
 
+def print_exact_by_fact_order(facts, asked, hits):
+    """The first query's exact match (hits: (n,) bool) by whether it asks the fact stated first
+    or second; facts (n, 2, 4) and asked (n, 4) are digit values. Episodes whose two codes are
+    equal are left out: either fact answers them."""
+    first, second = ((asked == facts[:, k]).all(-1) for k in (0, 1))
+    parts = [f"{label} {hits[m].float().mean():.3f} ({int(m.sum())} episodes)"
+             for label, m in (("stated first", first & ~second), ("second", second & ~first))]
+    print("first query's exact by the fact it asks: " + ", ".join(parts))
+
+
 def without_first_answer(episodes, digits, generator):
     """The episodes with the first query's four answer digits replaced by random digits."""
     ids = episodes.ids.clone()
@@ -161,6 +173,7 @@ def main():
               " (elimination needs the first answer)")
     hits = (predicted[:, 0] == asked[:, 0]).all(-1)
     print_exact_by_shared_word(episodes, hits, D.load_tokenizer())
+    print_exact_by_fact_order(value[codes_of(episodes, "fact code")], asked[:, 0], hits)
     print_read_mass(model, episodes, cfg, asked, value)
 
 

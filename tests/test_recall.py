@@ -624,6 +624,29 @@ def test_exact_by_shared_name_word_groups_episodes_by_the_names_in_their_text(ta
     assert capsys.readouterr().out.strip().endswith(expected)
 
 
+def test_exact_by_fact_order_splits_by_the_position_of_the_asked_fact_in_the_text(task, capsys):
+    import re
+    probe = ladder_module("recall_binding_probe")
+    tokenizer = D.load_tokenizer()
+    episodes = task.episodes(random.Random(6), 64, 200)
+    value = torch.zeros(D.Config().vocab_size, dtype=torch.long)
+    value[task.digits] = torch.arange(10)
+    hits = torch.rand(200, generator=torch.Generator().manual_seed(5)) < 0.5
+    asked = value[probe.codes_of(episodes, "answer")][:, 0]
+    probe.print_exact_by_fact_order(value[probe.codes_of(episodes, "fact code")], asked, hits)
+    groups = ([], [])
+    for row in range(200):  # independently: the names as the text states and asks them
+        text = tokenizer.decode(episodes.ids[row].tolist())
+        stated = re.findall(r"The code of (\w+ \w+) is", text)
+        groups[stated.index(re.search(r"What is the code of (\w+ \w+) \?", text)[1])].append(
+            bool(hits[row]))
+    assert all(groups)
+    expected = (f"stated first {sum(groups[0]) / len(groups[0]):.3f} ({len(groups[0])} "
+                f"episodes), second {sum(groups[1]) / len(groups[1]):.3f} ({len(groups[1])} "
+                f"episodes)")
+    assert capsys.readouterr().out.strip().endswith(expected)
+
+
 def test_oracle_e17_fixes_the_gate_at_the_listed_value_of_each_token_class(one_fact):
     ladder = ladder_module()
     cfg = D.Config(**{**LADDER, "num_layers": 2, "memory_layer": 1})

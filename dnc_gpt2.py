@@ -209,7 +209,8 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "of those tokens together (README, Results: E27)"),
     "zero_read_proj": (
         "True: `read_proj` starts at zero, so that at step 0 the DNC model computes exactly "
-        "the baseline's logits"),
+        "the baseline's logits; on the recall task it started the lookup on the one seed of "
+        "six where the preset did not (Results: S3)"),
     "memory_layer": (
         "k: the DNC reads GPT-2's hidden state after block k (through its own LayerNorm) and "
         "adds its read to the residual stream there, so the blocks above attend to what every "

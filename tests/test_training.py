@@ -68,21 +68,27 @@ def test_learning_rate_is_constant_then_a_half_cosine_down_to_min_lr():
     assert {D.learning_rate(D.Config(lr=1e-3), s, 30) for s in range(1, 31)} == {1e-3}
 
 
+def train_model_watching(cfg, use_dnc, watch):
+    """train_model on random tokens; watch(optimizer) just before each AdamW step, as a list."""
+    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
+    units, valid = D.training_units(ids, cfg), ids[:200]
+    seen = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append(watch(optimizer)))
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            D.train_model(dataclasses.replace(cfg, save_dir=root), use_dnc, units, valid,
+                          torch.device("cpu"), "test", D.StopFlag())
+    finally:
+        hook.remove()
+    return seen
+
+
 def test_every_optimizer_step_of_train_model_takes_the_scheduled_rate():
     """The rate each AdamW step actually used, seen from inside the optimizer."""
     cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 6, "lr_decay_from": 3,
                       "min_lr": 1e-3, "save_every_steps": 100})
-    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
-    units, valid = D.training_units(ids, cfg), ids[:200]
-    used = []
-    hook = register_optimizer_step_pre_hook(
-        lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"]))
-    try:
-        with tempfile.TemporaryDirectory() as root:
-            D.train_model(dataclasses.replace(cfg, save_dir=root), False, units, valid,
-                          torch.device("cpu"), "test", D.StopFlag())
-    finally:
-        hook.remove()
+    used = train_model_watching(cfg, False, lambda optimizer: optimizer.param_groups[0]["lr"])
     assert used == [D.learning_rate(cfg, step, 6) for step in range(1, 7)]
     assert used[0] == cfg.lr and used[-1] == cfg.min_lr
 
@@ -92,17 +98,7 @@ def test_train_model_reads_along_the_links_from_temporal_links_from(monkeypatch)
     memory followed the links on steps 3 and 4 only."""
     cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 4, "save_every_steps": 100,
                       "temporal_links": True, "temporal_links_from": 3})
-    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
-    units, valid = D.training_units(ids, cfg), ids[:200]
     built, build = [], D.build_model
     monkeypatch.setattr(D, "build_model", lambda *args: built.append(build(*args)) or built[-1])
-    followed = []
-    hook = register_optimizer_step_pre_hook(
-        lambda optimizer, args, kwargs: followed.append(built[0].memory.follow_links))
-    try:
-        with tempfile.TemporaryDirectory() as root:
-            D.train_model(dataclasses.replace(cfg, save_dir=root), True, units, valid,
-                          torch.device("cpu"), "test", D.StopFlag())
-    finally:
-        hook.remove()
+    followed = train_model_watching(cfg, True, lambda optimizer: built[0].memory.follow_links)
     assert followed == [False, False, True, True]

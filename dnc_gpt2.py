@@ -176,7 +176,7 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "temporal_links_from": (
         "with temporal_links: the training step from which reads follow the links; before it "
         "every read is a content lookup, as without links, while the link matrix is kept "
-        "(0 = from the first step; Results: H5)"),
+        "(0 = from the first step; Results: H5, H7)"),
     "carry_memory": (
         "True: each batch row is one contiguous stream and the DNC state flows from each "
         "segment to the next"),
@@ -1747,7 +1747,8 @@ class GPT2LM(nn.Module):
             # read is then a uniform average of the slots, whose gradient barely tells a key
             # which way to turn; a larger start makes lookups sharp enough to learn from
             # with links, uniform read modes send two thirds of every early read along links
-            # between slots that hold nothing useful yet, which weakens the lookup's gradient
+            # between slots that hold nothing useful yet; content_mode_bias > 0 starts the
+            # reads as lookups mostly (alone, it did not start the lookup: Results, H4)
             with torch.no_grad():
                 bias = self.memory.interface_proj.bias
                 bias[self.memory.write_gate_index] = cfg.write_gate_bias
@@ -2430,9 +2431,10 @@ def training_queries(cfg, step):
 
 def set_link_reads(model, cfg, step):
     """The links curriculum: before step temporal_links_from every read is a content lookup,
-    so the lookup starts as in a DNC without links, which started on every seed where links
-    from the first step did not (Results: H3b, H4); from it on the read modes may follow the
-    links, which by then hold the order of the writes."""
+    so the lookup can start as in a DNC without links (with links from the first step it never
+    started on seed 3: Results, H3b, H4); from it on the read modes may follow the links, which
+    by then hold the order of the writes. Measured: the start is kept, but the links are then
+    not taken up (Results: H5, H7)."""
     if model.use_dnc and cfg.temporal_links:
         model.memory.follow_links = step >= cfg.temporal_links_from
 

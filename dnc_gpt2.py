@@ -210,7 +210,7 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "zero_read_proj": (
         "True: `read_proj` starts at zero, so that at step 0 the DNC model computes exactly "
         "the baseline's logits; on the recall task it started the lookup on the one seed of "
-        "six where the preset did not (Results: S3)"),
+        "six where the preset did not, and stopped it on another (Results: S3, Z1)"),
     "memory_layer": (
         "k: the DNC reads GPT-2's hidden state after block k (through its own LayerNorm) and "
         "adds its read to the residual stream there, so the blocks above attend to what every "

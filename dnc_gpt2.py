@@ -113,6 +113,7 @@ class Config:
     recall_queries: int = 0
     recall_queries_from: int = 0
     query_opens_segment: bool = False
+    recall_shift: bool = False
     data_dir: str = ""
     cache_dir: str = ".cache/"
     inspect_tokens: int = 32
@@ -285,6 +286,11 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "query_opens_segment": (
         "recall: the first query starts a segment (filler after the answers fills the last "
         "one), so even a short distance must cross a segment boundary, i.e. the memory"),
+    "recall_shift": (
+        "recall: one segment more of padding filler, split at random between before the facts "
+        "and after the queries, so that facts and queries sit anywhere in their segments "
+        "(default: all of it before the facts, which puts them at about the same place in "
+        "every episode; Results: where the binding's errors come from)"),
     "curriculum_steps": (
         "recall: unlock recall_distances one by one, in the order listed, over this many "
         "steps (0 = all from the start)"),
@@ -593,6 +599,9 @@ def validate_config(cfg):
                                                           cfg.recall_test_distances),
          "recall_test_distances", f"recall_test_distances={cfg.recall_test_distances!r}: use "
          f"positive token counts separated by commas, or leave it empty"),
+        (not (cfg.recall_shift and cfg.query_opens_segment), "recall_shift",
+         "recall_shift=true moves the queries, query_opens_segment=true pins the first one to a "
+         "segment start: set one of them"),
         (cfg.dataset != "recall" or cfg.max_steps > 0, "max_steps",
          "dataset=recall draws fresh episodes at every step and has no epochs: set --max_steps"),
         (cfg.dataset != "recall" or not launched_by_torchrun(), "dataset",
@@ -887,7 +896,11 @@ class RecallTask:
     segments never straddle two episodes. With query_opens_segment the padding is split so
     that the first query starts a segment (the rest of the filler follows the answers): GPT-2
     attends within a segment only, so at any distance the facts reach the query through the
-    memory alone, which a curriculum that starts at short distances needs. Training draws
+    memory alone, which a curriculum that starts at short distances needs. With shift the
+    episode has one segment more of padding, split at random between before the facts and
+    after the queries: without it every episode puts its facts at about the same offset in
+    its first segment and its queries at the end of its last, and a model can learn that
+    layout instead of the lookup. Training draws
     fresh names and codes at every step from (seed, step); validation and test are fixed sets
     drawn from their own streams.
     """
@@ -895,9 +908,10 @@ class RecallTask:
     FIRST = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
     LAST = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
 
-    def __init__(self, tokenizer, seq_len, seed, facts=2, query_opens_segment=False, queries=0):
+    def __init__(self, tokenizer, seq_len, seed, facts=2, query_opens_segment=False, queries=0,
+                 shift=False):
         self.seq_len, self.seed, self.facts, self.queries = seq_len, seed, facts, queries or facts
-        self.query_opens_segment = query_opens_segment
+        self.query_opens_segment, self.shift = query_opens_segment, shift
         lines = [line for line in generated_corpus(seed)["train"].split("\n")
                  if line.strip() and "=" not in line][:1000]
         self.filler = [tokenizer.encode(line + "\n") for line in lines]
@@ -919,7 +933,7 @@ class RecallTask:
             return self.seq_len * (math.ceil((facts * self.fact_max + distance) / self.seq_len)
                                    + math.ceil((queries * self.query_max + 1) / self.seq_len))
         need = facts * self.fact_max + queries * self.query_max + distance + 1  # + filler
-        return self.seq_len * math.ceil(need / self.seq_len)
+        return self.seq_len * (math.ceil(need / self.seq_len) + self.shift)
 
     def filler_tokens(self, rng, count):
         tokens = []
@@ -955,6 +969,9 @@ class RecallTask:
         if self.query_opens_segment:  # pad to the next segment start; the rest follows
             before = -asked % self.seq_len
             pad, after = before, pad - before
+        elif self.shift:  # drawn last, so the names, codes and filler are those of no shift
+            before = rng.randint(0, pad)
+            pad, after = before, pad - before
         else:
             after = 0
         filler = TOKEN_CLASSES.index("filler")
@@ -988,7 +1005,7 @@ class RecallTask:
 def recall_task(cfg, tokenizer):
     """The recall task of a Config."""
     return RecallTask(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts,
-                      cfg.query_opens_segment, cfg.recall_queries)
+                      cfg.query_opens_segment, cfg.recall_queries, cfg.recall_shift)
 
 
 def episode_segments(episodes, seq_len):
@@ -2161,7 +2178,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "content_mode_bias", "dataset",
               "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_facts_from", "recall_queries",
-              "recall_queries_from", "query_opens_segment",
+              "recall_queries_from", "query_opens_segment", "recall_shift",
               "context_stride", "memory_layer", "init_from")
 
 

@@ -28,11 +28,16 @@ def aligned_task():
     return D.RecallTask(D.load_tokenizer(), 64, seed=5, query_opens_segment=True)
 
 
+@pytest.fixture(scope="module")
+def shifted_task():
+    return D.RecallTask(D.load_tokenizer(), 64, seed=5, shift=True)
+
+
 @pytest.mark.parametrize("distance", [16, 100, 256])
-@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("layout", ["plain", "aligned", "shifted"])
 def test_episode_states_two_facts_then_asks_for_them_after_exactly_the_distance(
-        task, aligned_task, distance, aligned):
-    task = aligned_task if aligned else task
+        task, aligned_task, shifted_task, distance, layout):
+    task = {"plain": task, "aligned": aligned_task, "shifted": shifted_task}[layout]
     tokenizer = D.load_tokenizer()
     episodes = task.episodes(random.Random(distance), distance, 6)
     n, length = episodes.answers.shape
@@ -80,6 +85,27 @@ def test_query_opens_a_segment_so_that_only_the_memory_links_it_to_the_facts(ali
     # the default layout ends each episode with its queries
     plain = D.RecallTask(D.load_tokenizer(), 64, seed=5).episodes(random.Random(0), distance, 4)
     assert (plain.classes[:, -1] == query).all()
+
+
+@pytest.mark.parametrize("distance", [64, 256])
+def test_shift_moves_the_same_facts_and_queries_anywhere_in_their_segments(task, shifted_task,
+                                                                          distance):
+    filler = D.TOKEN_CLASSES.index("filler")
+    fact_at, end_at, plain_at = [], [], []
+    for row in range(64):
+        (ids, kinds, _), (s_ids, s_kinds, _) = (t.episode(random.Random(row), distance)
+                                                for t in (task, shifted_task))
+        assert len(s_ids) == len(ids) + 64  # one segment more of padding
+        body, s_body = ([j for j, k in enumerate(c) if k != filler] for c in (kinds, s_kinds))
+        # the shift is drawn after the episode's names, codes and filler: the same episode
+        assert ids[body[0]:body[-1] + 1] == s_ids[s_body[0]:s_body[-1] + 1]
+        plain_at.append(body[0] % 64)
+        fact_at.append(s_body[0] % 64)
+        end_at.append((s_body[-1] + 1) % 64)
+    assert max(plain_at) - min(plain_at) < 16  # without the shift the facts hardly move
+    # with it they start, and the queries end, in every quarter of a segment
+    assert {a // 16 for a in fact_at} == {0, 1, 2, 3}
+    assert {a // 16 for a in end_at} == {0, 1, 2, 3}
 
 
 def test_training_draws_fresh_episodes_each_step_reproducibly(task):
@@ -365,6 +391,8 @@ def test_recall_preset_end_to_end_writes_the_table_json_and_plot(tmp_path, capsy
     (["--recall_queries=1", "--recall_queries_from=-1"], "recall_queries_from"),
     (["--controller_grad=-1"], "controller_grad"),
     (["--recall_facts_from=-1"], "recall_facts_from"),
+    (["--preset=smoke", "--dataset=recall", "--loss_on=answers", "--lambda_routing=0",
+      "--max_steps=1", "--recall_shift=true", "--query_opens_segment=true"], "recall_shift"),
 ])
 def test_bad_recall_options_exit_2_with_one_line(args, field, tmp_path, capsys):
     assert D.main([*args, f"--save_dir={tmp_path}/c", f"--plot_dir={tmp_path}/p"]) == 2

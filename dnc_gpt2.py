@@ -15,6 +15,7 @@ training and evaluation, plotting and reporting, main().
 """
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import hashlib
@@ -114,6 +115,7 @@ class Config:
     recall_queries_from: int = 0
     query_opens_segment: bool = False
     recall_shift: bool = False
+    recall_shift_from: int = 0
     data_dir: str = ""
     cache_dir: str = ".cache/"
     inspect_tokens: int = 32
@@ -291,6 +293,11 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "and after the queries, so that facts and queries sit anywhere in their segments "
         "(default: all of it before the facts, which puts them at about the same place in "
         "every episode; Results: where the binding's errors come from)"),
+    "recall_shift_from": (
+        "recall: with recall_shift, training episodes keep the fixed layout before this step "
+        "and are shifted from it on (0 = from the first step), so that the lookup can start "
+        "where position makes it easy (Results: R1, R1b, R2); validation and test are always "
+        "shifted"),
     "curriculum_steps": (
         "recall: unlock recall_distances one by one, in the order listed, over this many "
         "steps (0 = all from the start)"),
@@ -522,6 +529,9 @@ def validate_config(cfg):
     if cfg.recall_facts_from < 0:
         raise ConfigError(f"--recall_facts_from={cfg.recall_facts_from}: must be >= 0 (0 = "
                           f"recall_facts from the first step)")
+    if cfg.recall_shift_from < 0 or (cfg.recall_shift_from and not cfg.recall_shift):
+        raise ConfigError(f"--recall_shift_from={cfg.recall_shift_from}: must be >= 0, and "
+                          f"needs --recall_shift=true (0 = shifted from the first step)")
     if cfg.recall_queries_from < 0 or (cfg.recall_queries_from and not cfg.recall_queries):
         raise ConfigError(f"--recall_queries_from={cfg.recall_queries_from}: must be >= 0, and "
                           f"needs --recall_queries > 0 (the number asked from that step on)")
@@ -987,10 +997,18 @@ class RecallTask:
             scored[row, [a - 1 for a in positions]] = True  # target j is token j + 1
         return Episodes(torch.tensor(ids), scored, torch.tensor(classes, dtype=torch.int8))
 
-    def train_batch(self, step, rows, distances, queries=None, facts=None):
-        """Fresh episodes for one training step: one distance per step, all rows alike."""
+    def train_batch(self, step, rows, distances, queries=None, facts=None, shift=None):
+        """Fresh episodes for one training step: one distance per step, all rows alike;
+        shift: this step's layout (None: the task's)."""
+        task = self if shift is None else self.with_shift(shift)
         rng = random.Random(f"recall/{self.seed}/train/{step}")
-        return self.episodes(rng, rng.choice(distances), rows, queries, facts)
+        return task.episodes(rng, rng.choice(distances), rows, queries, facts)
+
+    def with_shift(self, shift):
+        """The same task with the layout `shift` (the shift curriculum's training steps)."""
+        task = copy.copy(self)
+        task.shift = shift
+        return task
 
     def split(self, name, distances):
         """The fixed validation or test episodes, {distance: Episodes}."""
@@ -2178,7 +2196,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "content_mode_bias", "dataset",
               "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_facts_from", "recall_queries",
-              "recall_queries_from", "query_opens_segment", "recall_shift",
+              "recall_queries_from", "query_opens_segment", "recall_shift", "recall_shift_from",
               "context_stride", "memory_layer", "init_from")
 
 
@@ -2413,7 +2431,8 @@ def step_batches(units, cfg, step, steps_per_epoch):
     """
     if cfg.dataset == "recall":
         episodes = units.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step),
-                                     training_queries(cfg, step), training_facts(cfg, step))
+                                     training_queries(cfg, step), training_facts(cfg, step),
+                                     training_shift(cfg, step))
         batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
         return list(batches), (scored_targets(masks, cfg) if cfg.loss_on == "answers" else None)
     return micro_batches(units, cfg, step, steps_per_epoch), None
@@ -2444,6 +2463,13 @@ def training_queries(cfg, step):
     if cfg.recall_queries and step >= cfg.recall_queries_from:
         return min(cfg.recall_queries, facts)
     return facts
+
+
+def training_shift(cfg, step):
+    """The layout curriculum: with recall_shift, the fixed layout before step
+    recall_shift_from, where the lookup starts (from the first step it started on neither of
+    two seeds: Results, R1, R1b), and shifted episodes from it on."""
+    return cfg.recall_shift and step >= cfg.recall_shift_from
 
 
 def set_link_reads(model, cfg, step):

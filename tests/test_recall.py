@@ -108,6 +108,20 @@ def test_shift_moves_the_same_facts_and_queries_anywhere_in_their_segments(task,
     assert {a // 16 for a in end_at} == {0, 1, 2, 3}
 
 
+def test_shift_curriculum_keeps_the_fixed_layout_before_the_step_and_shifts_from_it(task,
+                                                                                    shifted_task):
+    cfg = D.Config(**{**TINY, "seq_len": 64, "recall_distances": "64", "recall_shift": True,
+                      "recall_shift_from": 3})
+    for step, layout in ((1, task), (2, task), (3, shifted_task), (4, shifted_task)):
+        batches, _ = D.step_batches(shifted_task, cfg, step, None)
+        expected = layout.train_batch(step, cfg.batch_size, [64])
+        assert torch.equal(torch.cat([b[:, :-1] for b in batches], 1), expected.ids[:, :-1])
+    # the run's task, from which validation and test are drawn, is shifted at every step
+    run_task = D.recall_task(D.Config(**{**vars(cfg), "seed": 5}), D.load_tokenizer())
+    assert torch.equal(run_task.split("valid", [64])[64].ids,
+                       shifted_task.split("valid", [64])[64].ids)
+
+
 def test_training_draws_fresh_episodes_each_step_reproducibly(task):
     a, b, again = (task.train_batch(step, 4, [64, 128]) for step in (1, 2, 1))
     assert torch.equal(a.ids, again.ids)  # a resumed run sees the same episodes
@@ -379,6 +393,11 @@ def test_recall_preset_end_to_end_writes_the_table_json_and_plot(tmp_path, capsy
     assert D.main([*args, "--resume=true"]) == 0
 
 
+# a valid one-step recall run: a case built on it that is not refused trains and exits 0
+SMOKE_RECALL = ["--preset=smoke", "--dataset=recall", "--loss_on=answers", "--lambda_routing=0",
+                "--max_steps=1"]
+
+
 @pytest.mark.parametrize("args, field", [
     (["--loss_on=answers", "--lambda_routing=0"], "loss_on"),
     (["--dataset=recall", "--loss_on=answers", "--max_steps=5"], "lambda_routing"),
@@ -391,8 +410,9 @@ def test_recall_preset_end_to_end_writes_the_table_json_and_plot(tmp_path, capsy
     (["--recall_queries=1", "--recall_queries_from=-1"], "recall_queries_from"),
     (["--controller_grad=-1"], "controller_grad"),
     (["--recall_facts_from=-1"], "recall_facts_from"),
-    (["--preset=smoke", "--dataset=recall", "--loss_on=answers", "--lambda_routing=0",
-      "--max_steps=1", "--recall_shift=true", "--query_opens_segment=true"], "recall_shift"),
+    ([*SMOKE_RECALL, "--recall_shift=true", "--recall_shift_from=-1"], "recall_shift_from"),
+    ([*SMOKE_RECALL, "--recall_shift_from=100"], "recall_shift_from"),
+    ([*SMOKE_RECALL, "--recall_shift=true", "--query_opens_segment=true"], "recall_shift"),
 ])
 def test_bad_recall_options_exit_2_with_one_line(args, field, tmp_path, capsys):
     assert D.main([*args, f"--save_dir={tmp_path}/c", f"--plot_dir={tmp_path}/p"]) == 2

@@ -296,8 +296,8 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "recall_shift_from": (
         "recall: with recall_shift, training episodes keep the fixed layout before this step "
         "and are shifted from it on (0 = from the first step), so that the lookup can start "
-        "where position makes it easy (Results: R1, R1b, R2); validation and test are always "
-        "shifted"),
+        "where position makes it easy (Results: R1, R1b, R2, R3); validation and test are "
+        "always shifted"),
     "curriculum_steps": (
         "recall: unlock recall_distances one by one, in the order listed, over this many "
         "steps (0 = all from the start)"),
@@ -909,7 +909,7 @@ class RecallTask:
     memory alone, which a curriculum that starts at short distances needs. With shift the
     episode has one segment more of padding, split at random between before the facts and
     after the queries: without it every episode puts its facts at about the same offset in
-    its first segment and its queries at the end of its last, and a model can learn that
+    their segment and its queries at the end of its last, and a model can learn that
     layout instead of the lookup. Training draws
     fresh names and codes at every step from (seed, step); validation and test are fixed sets
     drawn from their own streams.

@@ -142,7 +142,7 @@ PRESETS = {
     # 64-token segments of each episode, loss on the answers (README, Results)
     "recall": dict(dataset="recall", carry_memory=True, hidden_size=128, num_layers=2,
                    num_heads=4, mem_slots=32, mem_width=32, num_reads=2, batch_size=16,
-                   seq_len=64, max_steps=3000, log_every_steps=20, save_every_steps=250,
+                   seq_len=64, max_steps=4500, log_every_steps=20, save_every_steps=250,
                    dropout=0.0, inspect_tokens=40, lr=1e-3, loss_on="answers",
                    context_stride=8, memory_layer=1,  # reads reach the logits sooner (L1, L2)
                    # the first end-to-end configuration that learns the lookup (Results: E27)
@@ -154,8 +154,11 @@ PRESETS = {
                    # one fact until step 1,500 starts the lookup as storage (E27, E28), then
                    # two facts with one asked, which only binding answers (Results: B1, P5)
                    recall_facts_from=1501, recall_queries=1,
-                   # the last 1,000 steps at a decaying rate (Results: D1)
-                   lr_decay_from=2001, min_lr=1e-4),
+                   # facts and queries anywhere in their segments once binding starts: the
+                   # fixed layout alone lets the lookup key on position (Results: R1-R3, P7)
+                   recall_shift=True, recall_shift_from=1501,
+                   # binding at the full rate to step 3,500, then 1,000 steps of decay (D1, L1)
+                   lr_decay_from=3501, min_lr=1e-4),
 }
 
 FIELD_HELP = {  # the meaning of every Config field: --help and the README table print it
@@ -531,7 +534,8 @@ def validate_config(cfg):
                           f"recall_facts from the first step)")
     if cfg.recall_shift_from < 0 or (cfg.recall_shift_from and not cfg.recall_shift):
         raise ConfigError(f"--recall_shift_from={cfg.recall_shift_from}: must be >= 0, and "
-                          f"needs --recall_shift=true (0 = shifted from the first step)")
+                          f"needs --recall_shift=true (0 = shifted from the first step; the "
+                          f"fixed layout: --recall_shift=false --recall_shift_from=0)")
     if cfg.recall_queries_from < 0 or (cfg.recall_queries_from and not cfg.recall_queries):
         raise ConfigError(f"--recall_queries_from={cfg.recall_queries_from}: must be >= 0, and "
                           f"needs --recall_queries > 0 (the number asked from that step on)")
@@ -611,7 +615,8 @@ def validate_config(cfg):
          f"positive token counts separated by commas, or leave it empty"),
         (not (cfg.recall_shift and cfg.query_opens_segment), "recall_shift",
          "recall_shift=true moves the queries, query_opens_segment=true pins the first one to a "
-         "segment start: set one of them"),
+         "segment start: set one of them (the recall preset shifts: add --recall_shift=false "
+         "--recall_shift_from=0)"),
         (cfg.dataset != "recall" or cfg.max_steps > 0, "max_steps",
          "dataset=recall draws fresh episodes at every step and has no epochs: set --max_steps"),
         (cfg.dataset != "recall" or not launched_by_torchrun(), "dataset",

@@ -5,7 +5,8 @@ of the memory replaced by an oracle, so that each rung of the ladder isolates on
 
 The run starts from `--preset=recall --recall_facts=1 --recall_distances=64
 --read_strength_bias=0 --recall_facts_from=0 --recall_queries=0 --recall_queries_from=0
---lr_decay_from=0 --min_lr=0`, every fact asked and a constant learning rate (E14's
+--lr_decay_from=0 --min_lr=0 --recall_shift=false --recall_shift_from=0`, every fact asked,
+the fixed layout and a constant learning rate (E14's
 setting until the preset gained `tie_embeddings=False` and `allocation_gate_bias=3` after
 E27: add `--tie_embeddings=true --allocation_gate_bias=0` to rerun E17-E26); the arguments
 after STEPS override it. MODE:
@@ -190,7 +191,8 @@ def main():
     cfg = D.config_from_args(["--preset=recall", "--recall_distances=64", "--recall_facts=1",
                               "--read_strength_bias=0", "--recall_queries=0",
                               "--recall_facts_from=0", "--recall_queries_from=0",
-                              "--lr_decay_from=0", "--min_lr=0",
+                              "--lr_decay_from=0", "--min_lr=0", "--recall_shift=false",
+                              "--recall_shift_from=0",
                               *(arg for arg in sys.argv[3:]
                                 if arg[2:].split("=")[0] not in ladder)])
     D.validate_config(cfg)

@@ -122,6 +122,19 @@ def test_shift_curriculum_keeps_the_fixed_layout_before_the_step_and_shifts_from
                        shifted_task.split("valid", [64])[64].ids)
 
 
+def test_the_recall_preset_turns_its_shift_off_by_the_flags_its_error_names(capsys):
+    # the preset shifts from step 1,501; turning the shift off alone is refused, and the line
+    # names the pair of flags that gives the fixed layout of every run before P8
+    fixed = ["--recall_shift=false", "--recall_shift_from=0"]
+    with pytest.raises(D.ConfigError, match=" ".join(fixed)):
+        D.validate_config(D.config_from_args(["--preset=recall", fixed[0]]))
+    cfg = D.config_from_args(["--preset=recall", *fixed])
+    D.validate_config(cfg)
+    assert not any(D.training_shift(cfg, step) for step in (0, 1501, cfg.max_steps))
+    preset = D.config_from_args(["--preset=recall"])
+    assert [D.training_shift(preset, step) for step in (1500, 1501)] == [False, True]
+
+
 def test_training_draws_fresh_episodes_each_step_reproducibly(task):
     a, b, again = (task.train_batch(step, 4, [64, 128]) for step in (1, 2, 1))
     assert torch.equal(a.ids, again.ids)  # a resumed run sees the same episodes

@@ -157,7 +157,7 @@ PRESETS = {
                    # facts and queries anywhere in their segments once binding starts: the
                    # fixed layout alone lets the lookup key on position (Results: R1-R3, P7)
                    recall_shift=True, recall_shift_from=1501,
-                   # binding at the full rate to step 3,500, then 1,000 steps of decay (D1, L1)
+                   # binding at the full rate to step 3,500, then 1,000 steps of decay (D1, T1)
                    lr_decay_from=3501, min_lr=1e-4),
 }
 

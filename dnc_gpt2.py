@@ -73,6 +73,7 @@ class Config:
     read_strength_bias: float = 0.0
     content_mode_bias: float = 0.0
     memory_layer: int = 0
+    interface_context: int = 1
     dnc_kernel: str = "auto"
     # training
     epochs: int = 1
@@ -223,6 +224,11 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "earlier token read; 0 (or num_layers): after the last block, at the LM head, the "
         "reference design. Below the head there is no read-free prediction, so "
         "`lambda_routing` must be 0 and `mem_kl` is not reported"),
+    "interface_context": (
+        "k: the DNC's interface reads the controller's output at this token and the k - 1 "
+        "before it in the segment (a token shift; zeros before the segment's first token), "
+        "so one write or read key can hold a whole multi-token name; the weights of the "
+        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly (Results: X1)"),
     "dnc_kernel": (
         "auto: the DNC loop over tokens as one fused C++ operation with a hand-written "
         "backward, built on first use, where it can be built and the model is on the CPU, "
@@ -635,6 +641,9 @@ def validate_config(cfg):
         (memory_below_head(cfg) is False or cfg.lambda_routing == 0, "lambda_routing",
          f"memory_layer={cfg.memory_layer} < num_layers has no no-memory prediction to route "
          f"by; set --lambda_routing=0"),
+        (1 <= cfg.interface_context <= cfg.seq_len, "interface_context",
+         f"interface_context={cfg.interface_context}: use 1 (this token only) up to seq_len "
+         f"({cfg.seq_len})"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
          "normalised by log N)"),
         (not (cfg.carry_memory and cfg.use_compile), "use_compile",
@@ -1655,6 +1664,14 @@ def content_only(modes):
     return only
 
 
+def earlier_tokens(h, k):
+    """(..., T, H) -> (..., T, k H): at each token the hidden states of the k tokens before it,
+    nearest first, zero where the segment has none (a name of several BPE tokens ends a few
+    tokens before the key that must find it; one attention block alone had not gathered it)."""
+    length = h.shape[-2]
+    return torch.cat([F.pad(h, (0, 0, j, 0))[..., :length, :] for j in range(1, k + 1)], -1)
+
+
 class DNCMemory(nn.Module):
     """The interface layer from the controller output h_t, and the loop of dnc_step over tokens."""
 
@@ -1672,14 +1689,24 @@ class DNCMemory(nn.Module):
         # π's rows are (backward, content, forward) per head: content is every third from + 1
         self.content_mode_slice = slice(sum(sizes) + 1, sum(self.sizes), 3)
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
+        self.context = cfg.interface_context
+        if self.context > 1:  # zero: the earlier tokens' share is learnt from the k = 1 start
+            self.context_proj = nn.Linear((self.context - 1) * cfg.hidden_size,
+                                          sum(self.sizes), bias=False)
+            nn.init.zeros_(self.context_proj.weight)
         # use_compile compiles one step on its own and keeps the loop over tokens in Python:
         # the compiler then neither unrolls T steps nor recompiles per step (shapes are fixed)
         self.step = torch.compile(dnc_step, dynamic=False) if cfg.use_compile else dnc_step
         self.kernel = cfg.dnc_kernel
 
     def interface(self, h):
-        """Activated interface values from hidden states of any leading shape (..., hidden)."""
-        parts = self.interface_proj(h).split(self.sizes, dim=-1)
+        """Activated interface values from hidden states (..., hidden); with interface_context
+        k > 1, (..., T, hidden) of one segment in order:
+        x_t = W h_t + b + sum_{j=1..k-1} W_j h_{t-j}, with h_{t-j} = 0 before the first token."""
+        pre = self.interface_proj(h)
+        if self.context > 1:
+            pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
+        parts = pre.split(self.sizes, dim=-1)
         k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
         modes = torch.softmax(parts[9].unflatten(-1, (self.R, 3)), dim=-1) if self.links else None
         if self.links and not self.follow_links:

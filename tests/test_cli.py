@@ -142,6 +142,8 @@ def run_main(root, args):
     (["--top_k=-1"], "top_k"),
     (["--max_new_tokens=0"], "max_new_tokens"),
     (["--memory_layer=9"], "memory_layer"),
+    (["--interface_context=0"], "interface_context"),
+    (["--seq_len=16", "--interface_context=17"], "interface_context"),
     # the data checks come after the refusal to overwrite, so these pass --resume to reach them
     (["--data_dir={tmp}/empty_split", "--resume=true"], "data_dir"),
     (["--data_dir={tmp}/tiny", "--batch_size=64", "--seq_len=16", "--resume=true"], "batch_size"),

@@ -556,6 +556,58 @@ def test_scan_matches_the_naive_reference_token_by_token(links, kernel):
     assert final.usage.max() > 0.3
 
 
+def context_memory(k, dtype=torch.float64):
+    """A tiny memory whose interface reads k tokens, the earlier tokens' weights random (at
+    zero, as they start, every term of theirs would vanish from the comparison)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_cfg(False), interface_context=k)
+    mem = D.DNCMemory(cfg).to(dtype).eval()
+    with torch.no_grad():
+        mem.context_proj.weight.normal_(0, 0.3)
+    return cfg, mem
+
+
+def test_interface_context_is_the_naive_sum_over_the_earlier_tokens():
+    """x_t = W h_t + b + sum_j W_j h_{t-j}, the terms of tokens before the segment absent:
+    token by token, from the column blocks of the two weights."""
+    k, length = 3, 6
+    cfg, mem = context_memory(k)
+    h = random_h(cfg, batch=B, length=length, dtype=torch.float64)
+    with torch.no_grad():
+        got = mem.interface(h)
+    weight = np.concatenate([mem.interface_proj.weight.detach().numpy(),
+                             mem.context_proj.weight.detach().numpy()], axis=1)
+    bias = mem.interface_proj.bias.detach().numpy()
+    zeros = np.zeros((B, cfg.hidden_size))
+    for t in range(length):
+        window = [h[:, t - j].numpy() if t - j >= 0 else zeros for j in range(k)]
+        expected = naive_interface(np.concatenate(window, axis=1), weight, bias, cfg, False)
+        for name, value in expected.items():
+            if value is not None:
+                assert rel_err(getattr(got, name)[:, t], value) <= TOL, (name, t)
+    # the earlier tokens count: without them the interface differs from token 1 on
+    plain = naive_interface(h[:, 1].numpy(), weight[:, :cfg.hidden_size], bias, cfg, False)
+    assert rel_err(got.write_key[:, 1], plain["write_key"]) > 1e-3
+
+
+def test_interface_context_starts_as_the_current_token_alone_and_can_learn():
+    """k > 1 with its zero start computes what k = 1 computes, and the earlier tokens'
+    weights get a gradient at once (a zero start that stayed zero would be dead)."""
+    torch.manual_seed(0)
+    one = D.DNCMemory(tiny_cfg(False)).eval()
+    cfg = dataclasses.replace(tiny_cfg(False), interface_context=4)
+    four = D.DNCMemory(cfg).eval()
+    assert four.load_state_dict(one.state_dict(), strict=False).missing_keys == [
+        "context_proj.weight"]
+    h = random_h(cfg, batch=2, length=7)
+    for a, b in zip(one(h), four(h)):
+        assert torch.equal(a, b)
+    four(h)[0].square().sum().backward()
+    grad = four.context_proj.weight.grad
+    assert grad.shape == (sum(four.sizes), 3 * cfg.hidden_size)
+    assert grad.abs().amax(0).view(3, -1).amax(1).min() > 0  # every earlier token's block
+
+
 # ----------------------------------------------------------------------------------------
 # 5. Causality of the memory alone
 # ----------------------------------------------------------------------------------------
@@ -563,8 +615,13 @@ def test_scan_matches_the_naive_reference_token_by_token(links, kernel):
 @KERNELS
 @LINKS
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_memory_is_causal(links, k, kernel):
-    cfg, mem = tiny_memory(links, kernel=kernel)
+@pytest.mark.parametrize("context", [1, 3])  # interface_context: the interface's tokens
+def test_memory_is_causal(links, k, kernel, context):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_cfg(links, kernel), interface_context=context)
+    mem = D.DNCMemory(cfg).eval()
+    if context > 1:
+        torch.nn.init.normal_(mem.context_proj.weight, std=0.3)
     h = random_h(cfg, batch=2, length=6)
     changed = h.clone()
     changed[:, k] += torch.randn(2, cfg.hidden_size, generator=torch.Generator().manual_seed(9))

@@ -368,8 +368,11 @@ def layered_model(layer, **kw):
 
 
 @MEMORY_LAYERS
-def test_memory_layer_keeps_the_model_causal_and_per_sequence(layer):
-    cfg, model = layered_model(layer)
+@pytest.mark.parametrize("context", [1, 3])  # interface_context, its earlier weights random
+def test_memory_layer_keeps_the_model_causal_and_per_sequence(layer, context):
+    cfg, model = layered_model(layer, interface_context=context)
+    if context > 1:
+        torch.nn.init.normal_(model.memory.context_proj.weight, std=0.3)
     ids = random_ids(cfg)
     with torch.no_grad():
         ref = model(ids)

@@ -149,6 +149,9 @@ PRESETS = {
                    # the first end-to-end configuration that learns the lookup (Results: E27)
                    tie_embeddings=False, allocation_gate_bias=3.0, read_strength_bias=0.0,
                    lambda_routing=0.0, lambda_entropy=0.0, controller_grad=1.0,
+                   # a write at a fact's end sees its name and code, a key at " ?" the whole
+                   # name: the lookup starts sooner and binds names that share a word (X1, X2)
+                   interface_context=10,
                    # 64 alone until step 1,000 (where E27 had learnt), then 64 and 256
                    recall_distances="64,256", curriculum_steps=2000,
                    recall_test_distances="64,128,256,384,512",

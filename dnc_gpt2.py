@@ -231,7 +231,7 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "k: the DNC's interface reads the controller's output at this token and the k - 1 "
         "before it in the segment (a token shift; zeros before the segment's first token), "
         "so one write or read key can hold a whole multi-token name; the weights of the "
-        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly (Results: X1)"),
+        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly (Results: X1, X2)"),
     "dnc_kernel": (
         "auto: the DNC loop over tokens as one fused C++ operation with a hand-written "
         "backward, built on first use, where it can be built and the model is on the CPU, "

@@ -149,9 +149,6 @@ PRESETS = {
                    # the first end-to-end configuration that learns the lookup (Results: E27)
                    tie_embeddings=False, allocation_gate_bias=3.0, read_strength_bias=0.0,
                    lambda_routing=0.0, lambda_entropy=0.0, controller_grad=1.0,
-                   # a write at a fact's end sees its name and code, a key at " ?" the whole
-                   # name: the lookup starts sooner and binds names that share a word (X1, X2)
-                   interface_context=10,
                    # 64 alone until step 1,000 (where E27 had learnt), then 64 and 256
                    recall_distances="64,256", curriculum_steps=2000,
                    recall_test_distances="64,128,256,384,512",
@@ -231,7 +228,7 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "k: the DNC's interface reads the controller's output at this token and the k - 1 "
         "before it in the segment (a token shift; zeros before the segment's first token), "
         "so one write or read key can hold a whole multi-token name; the weights of the "
-        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly (Results: X1, X2)"),
+        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly (Results: X1-X3, P11)"),
     "dnc_kernel": (
         "auto: the DNC loop over tokens as one fused C++ operation with a hand-written "
         "backward, built on first use, where it can be built and the model is on the CPU, "

@@ -74,6 +74,7 @@ class Config:
     content_mode_bias: float = 0.0
     memory_layer: int = 0
     interface_context: int = 1
+    interface_context_from: int = 0
     dnc_kernel: str = "auto"
     # training
     epochs: int = 1
@@ -229,6 +230,11 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "before it in the segment (a token shift; zeros before the segment's first token), "
         "so one write or read key can hold a whole multi-token name; the weights of the "
         "earlier tokens start at zero, so k > 1 starts as k = 1 exactly (Results: X1-X3, P11)"),
+    "interface_context_from": (
+        "with interface_context > 1: the earlier tokens join the interface at this step; "
+        "before it their weights stay at zero and get no gradient (nor optimizer state), so "
+        "training is that of interface_context=1, and the lookup can start as it does there "
+        "(0 = from the first step; Results: Y1)"),
     "dnc_kernel": (
         "auto: the DNC loop over tokens as one fused C++ operation with a hand-written "
         "backward, built on first use, where it can be built and the model is on the CPU, "
@@ -644,6 +650,10 @@ def validate_config(cfg):
         (1 <= cfg.interface_context <= cfg.seq_len, "interface_context",
          f"interface_context={cfg.interface_context}: use 1 (this token only) up to seq_len "
          f"({cfg.seq_len})"),
+        (cfg.interface_context_from >= 0
+         and (cfg.interface_context > 1 or not cfg.interface_context_from),
+         "interface_context_from", f"interface_context_from={cfg.interface_context_from}: must be "
+         f">= 0, and needs --interface_context > 1 (0 = the earlier tokens from the first step)"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
          "normalised by log N)"),
         (not (cfg.carry_memory and cfg.use_compile), "use_compile",
@@ -1690,6 +1700,7 @@ class DNCMemory(nn.Module):
         self.content_mode_slice = slice(sum(sizes) + 1, sum(self.sizes), 3)
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
         self.context = cfg.interface_context
+        self.use_context = True  # False before step interface_context_from (set_interface_context)
         if self.context > 1:  # zero: the earlier tokens' share is learnt from the k = 1 start
             self.context_proj = nn.Linear((self.context - 1) * cfg.hidden_size,
                                           sum(self.sizes), bias=False)
@@ -1704,7 +1715,7 @@ class DNCMemory(nn.Module):
         k > 1, (..., T, hidden) of one segment in order:
         x_t = W h_t + b + sum_{j=1..k-1} W_j h_{t-j}, with h_{t-j} = 0 before the first token."""
         pre = self.interface_proj(h)
-        if self.context > 1:
+        if self.context > 1 and self.use_context:
             pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
         parts = pre.split(self.sizes, dim=-1)
         k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
@@ -2225,7 +2236,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "lambda_write", "seed", "carry_memory",
               "bptt_segments", "controller_grad", "zero_read_proj", "tie_embeddings",
               "write_gate_bias", "allocation_gate_bias", "read_strength_bias",
-              "content_mode_bias", "dataset",
+              "content_mode_bias", "interface_context", "interface_context_from", "dataset",
               "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_facts_from", "recall_queries",
               "recall_queries_from", "query_opens_segment", "recall_shift", "recall_shift_from",
@@ -2338,8 +2349,10 @@ def wrap_for_hardware(model, cfg, device):
     compiler sees DDP's gradient buckets; DataParallel and compile are exclusive.
     """
     if distributed():
+        # before interface_context_from the earlier tokens' weights are out of the graph
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=model.use_dnc and cfg.interface_context_from > 1)
     elif resolve_num_gpus(cfg) > 1:
         return nn.DataParallel(model, device_ids=list(range(resolve_num_gpus(cfg))))
     if cfg.use_compile:
@@ -2514,6 +2527,17 @@ def set_link_reads(model, cfg, step):
         model.memory.follow_links = step >= cfg.temporal_links_from
 
 
+def set_interface_context(model, cfg, step):
+    """The context curriculum: before step interface_context_from the interface reads this
+    token alone, and the earlier tokens' weights, still at their zero start, are not in the
+    graph: no gradient, so AdamW keeps no state for them and their first update is a fresh
+    start, not one scaled by a thousand steps of zero moments. With the earlier tokens from the
+    first step the lookup did not start on seed 2, where with this token alone it had (Results:
+    P11, P9); from the step on they bind a whole name to a code (X2, X3)."""
+    if model.use_dnc:
+        model.memory.use_context = step >= cfg.interface_context_from
+
+
 def learning_rate(cfg, step, total_steps):
     """Constant `lr` before step lr_decay_from, then a half cosine from `lr` at lr_decay_from
     to `min_lr` at total_steps. At a constant rate the recall checks swing by up to 0.3 from
@@ -2528,6 +2552,14 @@ def set_learning_rate(optimizer, lr):
     """Every parameter group at `lr` (a resumed optimizer brings the rate it was saved with)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def follow_curricula(model, optimizer, cfg, step, total_steps):
+    """What changes with the step in the model and the optimizer (the episodes' curricula are
+    in step_batches): the learning rate, the read modes, the interface's context."""
+    set_learning_rate(optimizer, learning_rate(cfg, step, total_steps))
+    set_link_reads(model, cfg, step)
+    set_interface_context(model, cfg, step)
 
 
 def scored_targets(answer_masks, cfg):
@@ -2675,8 +2707,7 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
                 carried = None
             batches, scored = step_batches(units, cfg, step, steps_per_epoch)
             seen += input_tokens(batches)
-            set_learning_rate(optimizer, learning_rate(cfg, step, total_steps))
-            set_link_reads(model, cfg, step)
+            follow_curricula(model, optimizer, cfg, step, total_steps)
             sums, grad_norm, carried = train_step(runner, model, optimizer, scaler, batches, cfg,
                                                   stop, device, carried, scored)
             check_finite(name, step, sums.pop("total") / sums["tokens"],

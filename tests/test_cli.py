@@ -144,6 +144,8 @@ def run_main(root, args):
     (["--memory_layer=9"], "memory_layer"),
     (["--interface_context=0"], "interface_context"),
     (["--seq_len=16", "--interface_context=17"], "interface_context"),
+    (["--interface_context_from=1501"], "interface_context_from"),  # with interface_context=1
+    (["--interface_context=3", "--interface_context_from=-1"], "interface_context_from"),
     # the data checks come after the refusal to overwrite, so these pass --resume to reach them
     (["--data_dir={tmp}/empty_split", "--resume=true"], "data_dir"),
     (["--data_dir={tmp}/tiny", "--batch_size=64", "--seq_len=16", "--resume=true"], "batch_size"),

@@ -462,6 +462,31 @@ def test_content_mode_bias_moves_the_content_mode_of_every_head_and_nothing_else
             assert torch.equal(getattr(default, other), getattr(moved, other)), other
 
 
+def test_before_interface_context_from_the_interface_reads_this_token_alone():
+    """The context curriculum: before the step the model computes what the same weights
+    compute with interface_context=1, even with the earlier tokens' weights non-zero, and
+    those weights get no gradient at all (None: AdamW then keeps no state for them); from the
+    step on they are read, and learn."""
+    cfg = tiny_cfg(False, interface_context=3, interface_context_from=5)
+    wide = D.build_model(cfg, True)
+    with torch.no_grad():
+        wide.memory.context_proj.weight.normal_(std=0.3)
+    plain = D.build_model(tiny_cfg(False), True)
+    plain.load_state_dict({k: v for k, v in wide.state_dict().items()
+                           if not k.startswith("memory.context_proj")})
+    ids = random_ids(cfg, length=17)
+    grads = []
+    for step in (4, 5):
+        D.set_interface_context(wide, cfg, step)
+        wide.zero_grad(set_to_none=True)
+        logits = wide(ids[:, :-1]).logits
+        logits.square().mean().backward()
+        grads.append(wide.memory.context_proj.weight.grad)
+        difference = (logits - plain(ids[:, :-1]).logits).abs().max().item()
+        assert (difference == 0) == (step == 4), (step, difference)
+    assert grads[0] is None and grads[1].abs().max() > 0
+
+
 def test_before_temporal_links_from_a_links_model_reads_as_one_without_links():
     """The links curriculum: before the step, π = (0, 1, 0) makes every read the content
     lookup alone, so the model computes what the same weights compute without links, and

@@ -102,3 +102,44 @@ def test_train_model_reads_along_the_links_from_temporal_links_from(monkeypatch)
     monkeypatch.setattr(D, "build_model", lambda *args: built.append(build(*args)) or built[-1])
     followed = train_model_watching(cfg, True, lambda optimizer: built[0].memory.follow_links)
     assert followed == [False, False, True, True]
+
+
+def test_train_model_keeps_the_earlier_tokens_out_until_interface_context_from(monkeypatch):
+    """set_interface_context runs at every step of train_model: seen from inside the
+    optimizer, the earlier tokens' weights have no gradient on steps 1 and 2, and one on steps
+    3 and 4; they stay at their zero start until step 3 updates them."""
+    cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 4, "save_every_steps": 100,
+                      "interface_context": 3, "interface_context_from": 3})
+    built, build = [], D.build_model
+    monkeypatch.setattr(D, "build_model", lambda *args: built.append(build(*args)) or built[-1])
+
+    def context(optimizer):
+        weight = built[0].memory.context_proj.weight
+        return weight.grad is not None, bool(weight.abs().max() == 0)
+
+    assert train_model_watching(cfg, True, context) == [(False, True), (False, True),
+                                                        (True, True), (True, False)]
+
+
+def test_runs_resumed_across_interface_context_from_end_as_an_uninterrupted_one(tmp_path):
+    """A checkpoint saved before the switch holds no optimizer state for the earlier tokens'
+    weights; resumed from it, the run gives them their fresh state at the switch, as the
+    uninterrupted run does. Resumed after the switch, it reads them at once. Either way the
+    final weights are equal bit for bit."""
+    cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 5, "save_every_steps": 2,
+                      "interface_context": 3, "interface_context_from": 4, "dropout": 0.0})
+    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
+    units, valid = D.training_units(ids, cfg), ids[:200]
+
+    def train(root, max_steps):
+        run = dataclasses.replace(cfg, save_dir=str(root), max_steps=max_steps, resume=True)
+        return D.train_model(run, True, units, valid, torch.device("cpu"), "test",
+                             D.StopFlag())[0]
+
+    whole = train(tmp_path / "whole", 5)
+    train(tmp_path / "split", 2)
+    train(tmp_path / "split", 4)
+    resumed = train(tmp_path / "split", 5)
+    assert resumed.memory.context_proj.weight.abs().max() > 0
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

@@ -159,6 +159,10 @@ PRESETS = {
                    # facts and queries anywhere in their segments once binding starts: the
                    # fixed layout alone lets the lookup key on position (Results: R1-R3, P7)
                    recall_shift=True, recall_shift_from=1501,
+                   # from then on too, the interface reads the 9 tokens before each token, so
+                   # one key holds a whole name; from the first step it had not started the
+                   # lookup on seed 2 (Results: X2, X3, P11, Y1)
+                   interface_context=10, interface_context_from=1501,
                    # binding at the full rate to step 3,500, then 1,000 steps of decay (D1, T1)
                    lr_decay_from=3501, min_lr=1e-4),
 }

@@ -233,12 +233,13 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "k: the DNC's interface reads the controller's output at this token and the k - 1 "
         "before it in the segment (a token shift; zeros before the segment's first token), "
         "so one write or read key can hold a whole multi-token name; the weights of the "
-        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly (Results: X1-X3, P11)"),
+        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly; the `recall` preset "
+        "sets 10 (Results: X1-X3, P11, Y1)"),
     "interface_context_from": (
         "with interface_context > 1: the earlier tokens join the interface at this step; "
         "before it their weights stay at zero and get no gradient (nor optimizer state), so "
         "training is that of interface_context=1, and the lookup can start as it does there "
-        "(0 = from the first step; Results: Y1)"),
+        "(0 = from the first step; the `recall` preset: 1501; Results: P11, Y1)"),
     "dnc_kernel": (
         "auto: the DNC loop over tokens as one fused C++ operation with a hand-written "
         "backward, built on first use, where it can be built and the model is on the CPU, "

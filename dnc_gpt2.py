@@ -658,7 +658,8 @@ def validate_config(cfg):
         (cfg.interface_context_from >= 0
          and (cfg.interface_context > 1 or not cfg.interface_context_from),
          "interface_context_from", f"interface_context_from={cfg.interface_context_from}: must be "
-         f">= 0, and needs --interface_context > 1 (0 = the earlier tokens from the first step)"),
+         f">= 0, and needs --interface_context > 1 (with --interface_context=1, as the recall "
+         f"preset before run Y1, add --interface_context_from=0)"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
          "normalised by log N)"),
         (not (cfg.carry_memory and cfg.use_compile), "use_compile",

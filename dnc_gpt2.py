@@ -62,19 +62,14 @@ class Config:
     mem_width: int = 128
     num_reads: int = 4
     temporal_links: bool = False
-    temporal_links_from: int = 0
     carry_memory: bool = False
     bptt_segments: int = 1
     controller_grad: float = 0.0
     zero_read_proj: bool = False
     tie_embeddings: bool = True
-    write_gate_bias: float = 0.0
     allocation_gate_bias: float = 0.0
-    read_strength_bias: float = 0.0
-    content_mode_bias: float = 0.0
     memory_layer: int = 0
     interface_context: int = 1
-    interface_context_from: int = 0
     dnc_kernel: str = "auto"
     # training
     epochs: int = 1
@@ -87,14 +82,13 @@ class Config:
     grad_clip: float = 1.0
     lambda_routing: float = 0.1
     lambda_entropy: float = 0.05
-    lambda_write: float = 0.0
-    routing_stride: int = 1
     seed: int = 1337
     seeds: str = ""
     # logging and checkpoints
     log_every_steps: int = 50
     save_every_steps: int = 3000
     save_dir: str = "checkpoints/"
+    keep_checkpoints: int = 3
     plot_dir: str = "plots/"
     resume: bool = False
     tensorboard: bool = False
@@ -112,12 +106,9 @@ class Config:
     context_stride: int = 0
     curriculum_steps: int = 0
     recall_facts: int = 2
-    recall_facts_from: int = 0
     recall_queries: int = 0
-    recall_queries_from: int = 0
-    query_opens_segment: bool = False
     recall_shift: bool = False
-    recall_shift_from: int = 0
+    binding_from: int = 0
     data_dir: str = ""
     cache_dir: str = ".cache/"
     inspect_tokens: int = 32
@@ -131,6 +122,13 @@ class Config:
     preset: str = ""
 
 
+# The DNC settings that learn the recall lookup and, on WikiText, beat their own baseline
+# (README, Results; experiments/LOG.md: E27, W1-W4): an untied head, writes to fresh slots,
+# reads after block 1 with the full gradient into GPT-2, no auxiliary losses, and an interface
+# that reads the 9 tokens before each token. `--preset=cpu,lookup` runs it at CPU sizes.
+LOOKUP = dict(tie_embeddings=False, allocation_gate_bias=3.0, memory_layer=1, controller_grad=1.0,
+              lambda_routing=0.0, lambda_entropy=0.0, interface_context=10)
+
 PRESETS = {
     # the whole pipeline end to end in a couple of minutes: tiny model, few steps, saves twice
     "smoke": dict(hidden_size=64, num_layers=2, num_heads=2, mem_slots=16, mem_width=16,
@@ -140,29 +138,22 @@ PRESETS = {
     "cpu": dict(hidden_size=256, num_layers=4, num_heads=4, mem_slots=32, mem_width=64,
                 num_reads=2, batch_size=8, seq_len=128, epochs=1, log_every_steps=20,
                 save_every_steps=200),
+    "lookup": LOOKUP,
     # long-range recall: fresh episodes at every step, the DNC state carried through the
     # 64-token segments of each episode, loss on the answers (README, Results)
-    "recall": dict(dataset="recall", carry_memory=True, hidden_size=128, num_layers=2,
-                   num_heads=4, mem_slots=32, mem_width=32, num_reads=2, batch_size=16,
-                   seq_len=64, max_steps=4500, log_every_steps=20, save_every_steps=250,
-                   dropout=0.0, inspect_tokens=40, lr=1e-3, loss_on="answers",
-                   context_stride=8, memory_layer=1,  # reads reach the logits sooner (L1, L2)
-                   # the first end-to-end configuration that learns the lookup (Results: E27)
-                   tie_embeddings=False, allocation_gate_bias=3.0, read_strength_bias=0.0,
-                   lambda_routing=0.0, lambda_entropy=0.0, controller_grad=1.0,
+    "recall": dict(**LOOKUP, dataset="recall", carry_memory=True, hidden_size=128,
+                   num_layers=2, num_heads=4, mem_slots=32, mem_width=32, num_reads=2,
+                   batch_size=16, seq_len=64, max_steps=4500, log_every_steps=20,
+                   save_every_steps=250, dropout=0.0, inspect_tokens=40, lr=1e-3,
+                   loss_on="answers", context_stride=8,
                    # 64 alone until step 1,000 (where E27 had learnt), then 64 and 256
                    recall_distances="64,256", curriculum_steps=2000,
                    recall_test_distances="64,128,256,384,512",
-                   # one fact until step 1,500 starts the lookup as storage (E27, E28), then
-                   # two facts with one asked, which only binding answers (Results: B1, P5)
-                   recall_facts_from=1501, recall_queries=1,
-                   # facts and queries anywhere in their segments once binding starts: the
-                   # fixed layout alone lets the lookup key on position (Results: R1-R3, P7)
-                   recall_shift=True, recall_shift_from=1501,
-                   # from then on too, the interface reads the 9 tokens before each token, so
-                   # one key holds a whole name; from the first step it had not started the
-                   # lookup on seed 2 (Results: X2, X3, P11, Y1)
-                   interface_context=10, interface_context_from=1501,
+                   # two facts with one asked, which only binding answers (B1, P5), anywhere in
+                   # their segments (R1-R3, P7); before binding_from, one fact in a fixed layout
+                   # and an interface of one token, where the lookup starts as storage (E27,
+                   # E28, P11, Y1)
+                   recall_queries=1, recall_shift=True, binding_from=1501,
                    # binding at the full rate to step 3,500, then 1,000 steps of decay (D1, T1)
                    lr_decay_from=3501, min_lr=1e-4),
 }
@@ -185,10 +176,6 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "num_reads": "R, read heads",
     "temporal_links": (
         "True: the paper's link matrix, precedence and backward/content/forward read modes"),
-    "temporal_links_from": (
-        "with temporal_links: the training step from which reads follow the links; before it "
-        "every read is a content lookup, as without links, while the link matrix is kept "
-        "(0 = from the first step; Results: H5, H7)"),
     "carry_memory": (
         "True: each batch row is one contiguous stream and the DNC state flows from each "
         "segment to the next"),
@@ -201,20 +188,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "state: 1 = all of it, 0 = none (GPT-2 is then a fixed feature extractor for the "
         "memory's addressing; the reads still train GPT-2 through the logits). 0 by "
         "measurement on wt2-mini (Results); the `recall` preset sets 1"),
-    "write_gate_bias": (
-        "initial bias of the write gate's logit (g^w = sigmoid(… + bias)); negative starts "
-        "the memory nearly closed, e.g. −3 → g^w ≈ 0.05"),
     "allocation_gate_bias": (
         "initial bias of the allocation gate's logit (g^a = sigmoid(… + bias)); positive "
         "starts every write in a fresh slot instead of half of it smeared over the rows its "
         "write key resembles, e.g. 3 → g^a ≈ 0.95"),
-    "read_strength_bias": (
-        "initial bias of the read strengths' pre-activation (β^r = 1 + softplus(… + bias)); 0 "
-        "starts β^r near 1.7, 10 near 11 (sharper lookups from the start)"),
-    "content_mode_bias": (
-        "with temporal_links: initial bias of the content mode's logit in every read head's "
-        "modes π = softmax(backward, content, forward); 0 starts each mode at 1/3, 2 starts "
-        "content at 0.79, so that early reads are mostly lookups (Results: H4)"),
     "tie_embeddings": (
         "True: the LM head is the token embedding, as in GPT-2. False: its own copy, so that "
         "targets the model cannot predict (the recall codes) do not pull the input embeddings "
@@ -233,13 +210,8 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "k: the DNC's interface reads the controller's output at this token and the k - 1 "
         "before it in the segment (a token shift; zeros before the segment's first token), "
         "so one write or read key can hold a whole multi-token name; the weights of the "
-        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly; the `recall` preset "
-        "sets 10 (Results: X1-X3, P11, Y1)"),
-    "interface_context_from": (
-        "with interface_context > 1: the earlier tokens join the interface at this step; "
-        "before it their weights stay at zero and get no gradient (nor optimizer state), so "
-        "training is that of interface_context=1, and the lookup can start as it does there "
-        "(0 = from the first step; the `recall` preset: 1501; Results: P11, Y1)"),
+        "earlier tokens start at zero, so k > 1 starts as k = 1 exactly; the `lookup` preset "
+        "sets 10 (Results: X1-X3, P11, Y1, W4)"),
     "dnc_kernel": (
         "auto: the DNC loop over tokens as one fused C++ operation with a hand-written "
         "backward, built on first use, where it can be built and the model is on the CPU, "
@@ -254,21 +226,13 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "0: the learning rate stays at `lr`; N: `lr` until step N, then a half cosine down to "
         "`min_lr` at the last step, so that the checkpoints before N are those of a constant "
         "rate (a warmup-stable-decay schedule without the warmup); N beyond the last step "
-        "leaves the rate constant, as `recall_queries_from` beyond it leaves both facts asked. "
+        "leaves the rate constant. "
         "The last step is max_steps (or the epochs' end): resuming with another max_steps "
         "reshapes the decay that remains"),
     "min_lr": "the learning rate at the last step when lr_decay_from > 0",
     "grad_clip": "gradient-norm clip",
     "lambda_routing": "λ_r, weight of the routing loss",
     "lambda_entropy": "λ_e, weight of the write-entropy loss",
-    "lambda_write": (
-        "λ_w, the price of writing: λ_w × the mean write gate g^w is added to the loss, so "
-        "that only writes whose later reads pay for it stay open; 0.1 closed every gate on "
-        "the recall task (Results: E18)"),
-    "routing_stride": (
-        "training only: the routing loss (and the no-memory logits it needs) on every k-th "
-        "token; 1 = every token, exact. An approximation that saves time (see Performance); "
-        "evaluation and `mem_kl` always use every token"),
     "seed": "initial weights, data order and dropout",
     "seeds": (
         "empty: the one `seed`; else S1,S2,...: the paired comparison once per seed (its "
@@ -279,6 +243,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "log_every_steps": "steps between recorded train metrics",
     "save_every_steps": "steps between validation + checkpoint",
     "save_dir": "checkpoints",
+    "keep_checkpoints": (
+        "K: the newest K periodic checkpoints of each model are kept, older ones deleted after "
+        "each save, and every FINAL checkpoint is kept (as `save_total_limit` in Hugging Face's "
+        "Trainer); 0 = keep all"),
     "plot_dir": "plots and `history.json`",
     "resume": "continue both models from the newest checkpoints in `save_dir`",
     "tensorboard": (
@@ -295,29 +263,22 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "the answers alone); keeps GPT-2's hidden states from collapsing (Results) at 1/k of "
         "the LM head's cost"),
     "recall_facts": "recall: facts stated per episode",
-    "recall_facts_from": (
-        "recall: training episodes state one fact before this step and recall_facts from it "
-        "on (0 = from the start), so the memory learns to store and return a code before it "
-        "must bind codes to names; validation and test always state recall_facts"),
     "recall_queries": (
         "recall: facts queried per episode, each once, in random order (0 = all of them); "
         "fewer than recall_facts leaves no query answerable by elimination (Results: P1)"),
-    "recall_queries_from": (
-        "recall: training asks every fact before this step and recall_queries facts from it "
-        "on (0 = from the start); validation and test always ask recall_queries"),
-    "query_opens_segment": (
-        "recall: the first query starts a segment (filler after the answers fills the last "
-        "one), so even a short distance must cross a segment boundary, i.e. the memory"),
+    "binding_from": (
+        "the step at which binding starts: from it on, recall training episodes state "
+        "recall_facts facts (one before it, which needs no binding of code to name) and are "
+        "shifted (with recall_shift), and with interface_context > 1 the earlier tokens join "
+        "the interface (before it their weights stay at their zero start, with no gradient "
+        "and no optimizer state, so training is that of interface_context=1); 0 = from the "
+        "first step; validation and test always have both. The `recall` preset: 1501 "
+        "(Results: E27, B1, P11, Y1)"),
     "recall_shift": (
         "recall: one segment more of padding filler, split at random between before the facts "
         "and after the queries, so that facts and queries sit anywhere in their segments "
         "(default: all of it before the facts, which puts them at about the same place in "
         "every episode; Results: where the binding's errors come from)"),
-    "recall_shift_from": (
-        "recall: with recall_shift, training episodes keep the fixed layout before this step "
-        "and are shifted from it on (0 = from the first step), so that the lookup can start "
-        "where position makes it easy (Results: R1, R1b, R2, R3); validation and test are "
-        "always shifted"),
     "curriculum_steps": (
         "recall: unlock recall_distances one by one, in the order listed, over this many "
         "steps (0 = all from the start)"),
@@ -350,7 +311,9 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "grad_accum_steps": (
         "micro-batches per step; `batch_size` stays the global batch whatever the number of "
         "processes"),
-    "preset": "`smoke`, `cpu` or `recall`, applied before the other overrides",
+    "preset": (
+        "`smoke`, `cpu`, `lookup` or `recall`, applied before the other overrides; several "
+        "separated by commas apply in order, e.g. `cpu,lookup`"),
 }
 
 
@@ -407,11 +370,19 @@ def config_from_args(args):
             overrides[key] = {bool: parse_bool, int: int, float: float, str: str}[kind](text)
         except ValueError:
             raise ConfigError(f"--{key}={text}: expected a value of type {kind.__name__}") from None
-    preset = overrides.get("preset", "")
-    if preset and preset not in PRESETS:
-        raise ConfigError(f"--preset={preset}: unknown preset; choose one of {sorted(PRESETS)}")
-    cfg = Config(**{**PRESETS.get(preset, {}), **overrides})
+    cfg = Config(**{**preset_values(overrides.get("preset", "")), **overrides})
     return pretrained_architecture(cfg, overrides) if cfg.init_from else cfg
+
+
+def preset_values(text):
+    """The fields of the presets named in `text` (comma-separated), a later one winning."""
+    values = {}
+    for name in filter(None, text.split(",")):
+        if name not in PRESETS:
+            raise ConfigError(f"--preset={text}: unknown preset {name!r}; choose from "
+                              f"{sorted(PRESETS)}, several separated by commas")
+        values.update(PRESETS[name])
+    return values
 
 
 # Config field <- the Hugging Face GPT2Config attribute it must equal under init_from
@@ -542,20 +513,10 @@ def validate_config(cfg):
     positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
                 "mem_width", "num_reads", "batch_size", "seq_len", "log_every_steps",
                 "save_every_steps", "inspect_tokens", "grad_accum_steps", "bptt_segments",
-                "routing_stride", "recall_facts", "max_new_tokens"]
+                "recall_facts", "max_new_tokens"]
     if not 0 <= cfg.recall_queries <= cfg.recall_facts:
         raise ConfigError(f"--recall_queries={cfg.recall_queries}: must lie between 0 (every "
                           f"fact) and recall_facts={cfg.recall_facts}")
-    if cfg.recall_facts_from < 0:
-        raise ConfigError(f"--recall_facts_from={cfg.recall_facts_from}: must be >= 0 (0 = "
-                          f"recall_facts from the first step)")
-    if cfg.recall_shift_from < 0 or (cfg.recall_shift_from and not cfg.recall_shift):
-        raise ConfigError(f"--recall_shift_from={cfg.recall_shift_from}: must be >= 0, and "
-                          f"needs --recall_shift=true (0 = shifted from the first step; the "
-                          f"fixed layout: --recall_shift=false --recall_shift_from=0)")
-    if cfg.recall_queries_from < 0 or (cfg.recall_queries_from and not cfg.recall_queries):
-        raise ConfigError(f"--recall_queries_from={cfg.recall_queries_from}: must be >= 0, and "
-                          f"needs --recall_queries > 0 (the number asked from that step on)")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be a positive integer")
@@ -587,20 +548,9 @@ def validate_config(cfg):
          f"lambda_routing={cfg.lambda_routing} must be a finite number >= 0"),
         (0 <= cfg.lambda_entropy < math.inf, "lambda_entropy",
          f"lambda_entropy={cfg.lambda_entropy} must be a finite number >= 0"),
-        (0 <= cfg.lambda_write < math.inf, "lambda_write",
-         f"lambda_write={cfg.lambda_write} must be a finite number >= 0"),
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
-        (math.isfinite(cfg.write_gate_bias), "write_gate_bias",
-         f"write_gate_bias={cfg.write_gate_bias} must be a finite number"),
         (math.isfinite(cfg.allocation_gate_bias), "allocation_gate_bias",
          f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
-        (math.isfinite(cfg.read_strength_bias), "read_strength_bias",
-         f"read_strength_bias={cfg.read_strength_bias} must be a finite number"),
-        (cfg.temporal_links_from >= 0 and (cfg.temporal_links or not cfg.temporal_links_from),
-         "temporal_links_from", f"temporal_links_from={cfg.temporal_links_from}: must be >= 0, "
-         "and needs --temporal_links=true (0 = the links followed from the first step)"),
-        (math.isfinite(cfg.content_mode_bias), "content_mode_bias",
-         f"content_mode_bias={cfg.content_mode_bias} must be a finite number"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
          f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
          f"from the memory's interface into GPT-2, 1: all of it)"),
@@ -630,10 +580,6 @@ def validate_config(cfg):
                                                           cfg.recall_test_distances),
          "recall_test_distances", f"recall_test_distances={cfg.recall_test_distances!r}: use "
          f"positive token counts separated by commas, or leave it empty"),
-        (not (cfg.recall_shift and cfg.query_opens_segment), "recall_shift",
-         "recall_shift=true moves the queries, query_opens_segment=true pins the first one to a "
-         "segment start: set one of them (the recall preset shifts: add --recall_shift=false "
-         "--recall_shift_from=0)"),
         (cfg.dataset != "recall" or cfg.max_steps > 0, "max_steps",
          "dataset=recall draws fresh episodes at every step and has no epochs: set --max_steps"),
         (cfg.dataset != "recall" or not launched_by_torchrun(), "dataset",
@@ -655,11 +601,14 @@ def validate_config(cfg):
         (1 <= cfg.interface_context <= cfg.seq_len, "interface_context",
          f"interface_context={cfg.interface_context}: use 1 (this token only) up to seq_len "
          f"({cfg.seq_len})"),
-        (cfg.interface_context_from >= 0
-         and (cfg.interface_context > 1 or not cfg.interface_context_from),
-         "interface_context_from", f"interface_context_from={cfg.interface_context_from}: must be "
-         f">= 0, and needs --interface_context > 1 (with --interface_context=1, as the recall "
-         f"preset before run Y1, add --interface_context_from=0)"),
+        (cfg.binding_from >= 0, "binding_from",
+         f"binding_from={cfg.binding_from} must be >= 0 (0 = binding from the first step)"),
+        (cfg.binding_from == 0 or cfg.dataset == "recall" or cfg.interface_context > 1,
+         "binding_from", f"binding_from={cfg.binding_from} changes the recall episodes and the "
+         f"interface_context; with neither (dataset={cfg.dataset}, interface_context="
+         f"{cfg.interface_context}) leave it at 0"),
+        (cfg.keep_checkpoints >= 0, "keep_checkpoints",
+         f"keep_checkpoints={cfg.keep_checkpoints} must be >= 0 (0 = keep every checkpoint)"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
          "normalised by log N)"),
         (not (cfg.carry_memory and cfg.use_compile), "use_compile",
@@ -692,9 +641,6 @@ def validate_config(cfg):
     if cfg.num_gpus not in ("auto", "0") and int(cfg.num_gpus) > available_gpus():
         raise ConfigError(f"--num_gpus={cfg.num_gpus}: this machine has {available_gpus()} CUDA "
                           f"GPU(s); use --num_gpus=auto")
-    if memory_below_head(cfg) and resolve_num_gpus(cfg) > 1:
-        raise ConfigError(f"--memory_layer={cfg.memory_layer}: reads inside GPT-2 are not "
-                          f"supported with nn.DataParallel; set --num_gpus=1 or use torchrun")
     if cfg.use_compile and resolve_num_gpus(cfg) > 1:
         raise ConfigError("--use_compile=true cannot be combined with nn.DataParallel "
                           f"(num_gpus={cfg.num_gpus}); set --num_gpus=1 or --use_compile=false")
@@ -923,8 +869,8 @@ class Episodes(NamedTuple):
     classes: torch.Tensor  # (n, L + 1) index into TOKEN_CLASSES of every token
 
 
-class RecallTask:
-    """The long-range recall task: episodes built from pre-encoded pieces, from a seed.
+class RecallGenerator:
+    """The long-range recall task's episodes, built from pre-encoded pieces, from a seed.
 
     An episode states `facts` facts (2 by default), " The code of <name> is 4 7 2 9 .",
     then exactly `distance` tokens of filler prose, then asks " What is the code of <name> ?"
@@ -933,10 +879,7 @@ class RecallTask:
     Digits are separate tokens (" 4", " 7", ...), so every code is four tokens of ten
     possible values, none of which occurs in the filler.
     Filler before the facts pads each episode to a whole number of seq_len segments, so
-    segments never straddle two episodes. With query_opens_segment the padding is split so
-    that the first query starts a segment (the rest of the filler follows the answers): GPT-2
-    attends within a segment only, so at any distance the facts reach the query through the
-    memory alone, which a curriculum that starts at short distances needs. With shift the
+    segments never straddle two episodes. With shift the
     episode has one segment more of padding, split at random between before the facts and
     after the queries: without it every episode puts its facts at about the same offset in
     their segment and its queries at the end of its last, and a model can learn that
@@ -948,10 +891,9 @@ class RecallTask:
     FIRST = "Ada Alan Grace Edsger Barbara Donald Frances John Marie Niels Emmy Kurt".split()
     LAST = "Lovelace Turing Hopper Dijkstra Liskov Knuth Allen Backus Curie Bohr Noether".split()
 
-    def __init__(self, tokenizer, seq_len, seed, facts=2, query_opens_segment=False, queries=0,
-                 shift=False):
+    def __init__(self, tokenizer, seq_len, seed, facts=2, queries=0, shift=False):
         self.seq_len, self.seed, self.facts, self.queries = seq_len, seed, facts, queries or facts
-        self.query_opens_segment, self.shift = query_opens_segment, shift
+        self.shift = shift
         lines = [line for line in generated_corpus(seed)["train"].split("\n")
                  if line.strip() and "=" not in line][:1000]
         self.filler = [tokenizer.encode(line + "\n") for line in lines]
@@ -969,9 +911,6 @@ class RecallTask:
         """L: the episode's inputs, the shortest multiple of seq_len that holds it."""
         facts = facts or self.facts
         queries = min(queries or self.queries, facts)
-        if self.query_opens_segment:  # facts and filler, then the queries, each whole segments
-            return self.seq_len * (math.ceil((facts * self.fact_max + distance) / self.seq_len)
-                                   + math.ceil((queries * self.query_max + 1) / self.seq_len))
         need = facts * self.fact_max + queries * self.query_max + distance + 1  # + filler
         return self.seq_len * (math.ceil(need / self.seq_len) + self.shift)
 
@@ -999,17 +938,13 @@ class RecallTask:
             put([self.digits[d] for d in codes[p]], "fact code")
             put(self.close, "fact frame")
         put(self.filler_tokens(rng, distance), "filler")
-        asked = len(body)
         for p in rng.sample(people, min(queries or self.queries, facts)):
             put(self.query_open + self.names[p] + self.query_mark, "query")
             answers += range(len(body), len(body) + 4)
             put([self.digits[d] for d in codes[p]], "answer")
             put(self.close, "query")
         pad = self.length(distance, queries, facts) + 1 - len(body)
-        if self.query_opens_segment:  # pad to the next segment start; the rest follows
-            before = -asked % self.seq_len
-            pad, after = before, pad - before
-        elif self.shift:  # drawn last, so the names, codes and filler are those of no shift
+        if self.shift:  # drawn last, so the names, codes and filler are those of no shift
             before = rng.randint(0, pad)
             pad, after = before, pad - before
         else:
@@ -1050,10 +985,10 @@ class RecallTask:
         return math.ceil(RECALL_EVAL_QUERIES[name] / self.queries)
 
 
-def recall_task(cfg, tokenizer):
-    """The recall task of a Config."""
-    return RecallTask(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts,
-                      cfg.query_opens_segment, cfg.recall_queries, cfg.recall_shift)
+def recall_generator(cfg, tokenizer):
+    """The recall episodes of a Config."""
+    return RecallGenerator(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts, cfg.recall_queries,
+                      cfg.recall_shift)
 
 
 def episode_segments(episodes, seq_len):
@@ -1672,20 +1607,19 @@ def fused_scan(state, iface):
     return reads, write_weights, DNCState(*final)
 
 
-def content_only(modes):
-    """π = (0, 1, 0) in every head: each read is its content lookup alone, exactly as without
-    links, and no gradient reaches the modes' logits."""
-    only = torch.zeros_like(modes)
-    only[..., 1] = 1
-    return only
-
-
 def earlier_tokens(h, k):
     """(..., T, H) -> (..., T, k H): at each token the hidden states of the k tokens before it,
     nearest first, zero where the segment has none (a name of several BPE tokens ends a few
     tokens before the key that must find it; one attention block alone had not gathered it)."""
     length = h.shape[-2]
     return torch.cat([F.pad(h, (0, 0, j, 0))[..., :length, :] for j in range(1, k + 1)], -1)
+
+
+class MemoryOutput(NamedTuple):
+    reads: torch.Tensor  # r (B, T, R, W)
+    write_gate: torch.Tensor  # g^w (B, T)
+    write_weights: torch.Tensor  # w^w (B, T, N)
+    state: DNCState  # after the last token
 
 
 class DNCMemory(nn.Module):
@@ -1695,18 +1629,13 @@ class DNCMemory(nn.Module):
         super().__init__()
         self.N, self.W, self.R = cfg.mem_slots, cfg.mem_width, cfg.num_reads
         self.links = cfg.temporal_links
-        self.follow_links = True  # False before step temporal_links_from (set_link_reads)
         # k^w, β^w, e, v (3W + 1), f (R), g^a, g^w (2), k^r (RW), β^r (R), π (3R with links)
         sizes = [self.W, 1, self.W, self.W, self.R, 1, 1, self.R * self.W, self.R]
         self.sizes = sizes + ([3 * self.R] if self.links else [])
         self.allocation_gate_index = sum(sizes[:5])  # g^a's row of the interface projection
         self.write_gate_index = sum(sizes[:6])  # g^w's row
-        self.read_strength_slice = slice(sum(sizes[:8]), sum(sizes[:9]))  # β^r's rows
-        # π's rows are (backward, content, forward) per head: content is every third from + 1
-        self.content_mode_slice = slice(sum(sizes) + 1, sum(self.sizes), 3)
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
         self.context = cfg.interface_context
-        self.use_context = True  # False before step interface_context_from (set_interface_context)
         if self.context > 1:  # zero: the earlier tokens' share is learnt from the k = 1 start
             self.context_proj = nn.Linear((self.context - 1) * cfg.hidden_size,
                                           sum(self.sizes), bias=False)
@@ -1716,18 +1645,17 @@ class DNCMemory(nn.Module):
         self.step = torch.compile(dnc_step, dynamic=False) if cfg.use_compile else dnc_step
         self.kernel = cfg.dnc_kernel
 
-    def interface(self, h):
+    def interface(self, h, context=True):
         """Activated interface values from hidden states (..., hidden); with interface_context
         k > 1, (..., T, hidden) of one segment in order:
-        x_t = W h_t + b + sum_{j=1..k-1} W_j h_{t-j}, with h_{t-j} = 0 before the first token."""
+        x_t = W h_t + b + sum_{j=1..k-1} W_j h_{t-j}, with h_{t-j} = 0 before the first token.
+        context=False leaves the W_j out of the graph (before binding_from)."""
         pre = self.interface_proj(h)
-        if self.context > 1 and self.use_context:
+        if self.context > 1 and context:
             pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
         parts = pre.split(self.sizes, dim=-1)
         k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
         modes = torch.softmax(parts[9].unflatten(-1, (self.R, 3)), dim=-1) if self.links else None
-        if self.links and not self.follow_links:
-            modes = content_only(modes)
         return DNCInterface(k_w, oneplus(b_w), torch.sigmoid(e), v, torch.sigmoid(f),
                             torch.sigmoid(g_a), torch.sigmoid(g_w),
                             k_r.unflatten(-1, (self.R, self.W)), oneplus(b_r), modes)
@@ -1740,23 +1668,20 @@ class DNCMemory(nn.Module):
         return DNCState(zeros(self.N, self.W), zeros(self.N), zeros(self.N),
                         zeros(self.R, self.N), *links)
 
-    def forward(self, h):
-        """h (B, T, hidden) -> reads (B, T, R, W), write gates (B, T), write weights (B, T, N)."""
-        return self.scan(h)[:3]
-
     @torch.compiler.disable  # a compiled model calls the loop as it is (see self.step)
     @torch.autocast("cuda", enabled=False)  # fp32 always: products of usages underflow in bf16
-    def scan(self, h, state=None):
-        """forward() from a given state (carry_memory), also returning the final state."""
+    def forward(self, h, state=None, context=True):
+        """h (B, T, hidden), from `state` (None: empty) -> MemoryOutput: reads (B, T, R, W),
+        write gates (B, T), write weights (B, T, N) and the state after the last token."""
         h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-        iface = self.interface(h)  # one matmul and one set of activations for all T tokens
+        iface = self.interface(h, context)  # one matmul and one set of activations for all T
         if state is None:
             state = self.initial_state(h.shape[0], h.device, h.dtype)
         if scan_route(self.kernel, h.device.type) == "fused":
             reads, write_weights, state = fused_scan(state, iface)
         else:
             reads, write_weights, state = self.eager_scan(state, iface)
-        return reads, iface.write_gate[..., 0], write_weights, state
+        return MemoryOutput(reads, iface.write_gate[..., 0], write_weights, state)
 
     def eager_scan(self, state, iface):
         """The reference loop, one dnc_step per token, differentiated by autograd."""
@@ -1778,115 +1703,106 @@ class DNCMemory(nn.Module):
 
 
 class LMOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V), or (K, V) at the K scored positions
     write_gate: Optional[torch.Tensor] = None  # (B, T), DNC only
     write_weights: Optional[torch.Tensor] = None  # (B, T, N), DNC only
-    nomem_logits: Optional[torch.Tensor] = None  # (B, T, V): read vector left out; in training
-    # with routing_stride k > 1, (B, ⌈T/k⌉, V) at positions 0, k, 2k, ...
+    nomem_logits: Optional[torch.Tensor] = None  # as logits, read vector left out; DNC at the
+    # head only, in evaluation and for the routing loss
     memory_state: Optional[DNCState] = None  # DNC state after the last token (carry_memory)
 
 
 class GPT2LM(nn.Module):
     """GPT-2 (its LM head tied to the token embedding unless tie_embeddings=False); with
-    use_dnc, logits = lm_head(h + read_proj(r))."""
+    use_dnc, the DNC reads the hidden state after block k = memory_layer and adds
+    read_proj(r) to it there, or at the head: logits = lm_head(h + read_proj(r))."""
 
     def __init__(self, cfg, use_dnc):
         super().__init__()
         from transformers import GPT2Config, GPT2Model
 
         special = min(50256, cfg.vocab_size - 1)
+        # sdpa: given no mask, every block attends causally (is_causal), as GPT2Model does
         self.transformer = GPT2Model(GPT2Config(
             vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.hidden_size,
             n_layer=cfg.num_layers, n_head=cfg.num_heads, resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, use_cache=False,
-            bos_token_id=special, eos_token_id=special))
+            bos_token_id=special, eos_token_id=special, attn_implementation="sdpa"))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         if not cfg.tie_embeddings:
             untie_head(self)
         self.use_dnc = use_dnc
-        self.routing_stride = cfg.routing_stride
         self.controller_grad = cfg.controller_grad
-        self.lambda_routing = cfg.lambda_routing
+        self.routing = cfg.lambda_routing > 0
         self.amp_dtype = resolve_precision(cfg)
-        self.at_head = not memory_below_head(cfg)
+        # the block after which the DNC reads and adds; num_layers: at the head, after ln_f
+        self.memory_layer = cfg.memory_layer if memory_below_head(cfg) else cfg.num_layers
         if use_dnc:
             self.memory = DNCMemory(cfg)
-            if not self.at_head:
+            if memory_below_head(cfg):
                 # block k's output is an unnormalised residual stream; ln_f normalises what
                 # the DNC sees at the head, and this LayerNorm does the same inside
                 self.memory_ln = nn.LayerNorm(cfg.hidden_size)
-                self.transformer.h[cfg.memory_layer - 1].register_forward_hook(self.add_read)
             self.read_proj = nn.Linear(cfg.num_reads * cfg.mem_width, cfg.hidden_size)
             for layer in (self.memory.interface_proj, self.read_proj):
                 nn.init.normal_(layer.weight, std=0.02)  # GPT-2's initialisation scale
                 nn.init.zeros_(layer.bias)
             if cfg.zero_read_proj:  # as adapters start: the memory must earn its contribution
                 nn.init.zeros_(self.read_proj.weight)
-            # a closed gate at the start keeps filler from overwriting what few facts there are
-            # before the gate has learnt what to write; an allocation gate near 1 sends each
-            # write to a fresh slot, where g^a = 0.5 with a soft write key smears half of it
-            # over every row alike, so that the rows grow alike
-            # β^r = 1 + softplus(x) starts near 1.7: with cosines of random keys near 0 every
-            # read is then a uniform average of the slots, whose gradient barely tells a key
-            # which way to turn; a larger start makes lookups sharp enough to learn from
-            # with links, uniform read modes send two thirds of every early read along links
-            # between slots that hold nothing useful yet; content_mode_bias > 0 starts the
-            # reads as lookups mostly (alone, it did not start the lookup: Results, H4)
+            # an allocation gate near 1 sends each write to a fresh slot, where g^a = 0.5 with
+            # a soft write key smears half of it over every row alike, so the rows grow alike
             with torch.no_grad():
-                bias = self.memory.interface_proj.bias
-                bias[self.memory.write_gate_index] = cfg.write_gate_bias
-                bias[self.memory.allocation_gate_index] = cfg.allocation_gate_bias
-                bias[self.memory.read_strength_slice] = cfg.read_strength_bias
-                bias[self.memory.content_mode_slice] = cfg.content_mode_bias
+                self.memory.interface_proj.bias[self.memory.allocation_gate_index] = \
+                    cfg.allocation_gate_bias
 
-    def forward(self, input_ids, memory_state=None, scored=None):
+    def forward(self, input_ids, memory_state=None, scored=None, context=True):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
 
         scored (B, T) bool: compute the logits only at these positions, as (K, V) in row-major
         order (loss_on=answers); the LM head over 50,257 classes is then nearly free.
+        context: whether the DNC's interface reads the earlier tokens (binding_from).
         """
         with self.autocast(input_ids.device):
-            self.memory_in = memory_state  # for add_read, when the reads enter inside GPT-2
-            h = self.transformer(input_ids=input_ids).last_hidden_state
+            h, memory = self.embed(input_ids), None
+            for k, block in enumerate(self.transformer.h, 1):
+                h = block(h)
+                if self.use_dnc and k == self.memory_layer < len(self.transformer.h):
+                    # causal: the DNC at token t has seen block k's outputs at tokens <= t only
+                    h, memory = self.read_and_add(h, self.memory_ln(h), memory_state, context)
+            h = self.transformer.ln_f(h)
             if not self.use_dnc:
-                return LMOutput(self.lm_head(h if scored is None else h[scored]))
-            if not self.at_head:  # add_read has run; the upper blocks have no read-free twin
-                (gate, weights, state), self.memory_out = self.memory_out, None
-                logits = self.lm_head(h if scored is None else h[scored])
-                return LMOutput(logits, gate, weights, None, state)
-            x, *memory_out = self.read_and_add(h, h, memory_state)
-            if scored is not None:
-                h, x = h[scored], x[scored]
-            logits = self.lm_head(x)
-            if self.training and self.lambda_routing == 0:  # no routing loss: no second head
-                return LMOutput(logits, *memory_out[:2], None, memory_out[2])
-            # only the routing target and mem_kl use it, without gradient (SPEC); in training
-            # only at the positions where the routing loss is taken (routing_stride)
-            stride = self.routing_stride if self.training and scored is None else 1
-            with torch.no_grad():
-                nomem_logits = self.lm_head(h[:, ::stride] if scored is None else h)
-        return LMOutput(logits, *memory_out[:2], nomem_logits, memory_out[2])
+                return LMOutput(self.lm_head(at_scored(h, scored)))
+            x, nomem_logits = h, None
+            if memory is None:  # at the head: h itself is the read-free twin of x
+                x, memory = self.read_and_add(h, h, memory_state, context)
+                if not self.training or self.routing:  # the routing target and mem_kl only
+                    with torch.no_grad():
+                        nomem_logits = self.lm_head(at_scored(h, scored))
+            logits = self.lm_head(at_scored(x, scored))
+        return LMOutput(logits, memory.write_gate, memory.write_weights, nomem_logits,
+                        memory.state)
 
-    def read_and_add(self, residual, controller, memory_state):
+    def embed(self, input_ids):
+        """GPT-2's token and position embeddings, with embedding dropout."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        wte, wpe = self.transformer.wte, self.transformer.wpe
+        return self.transformer.drop(wte(input_ids) + wpe(positions))
+
+    def read_and_add(self, residual, controller, memory_state, context):
         """residual + read_proj(r_t), with r_t read by the DNC driven by `controller`."""
         controller = scale_gradient(controller, self.controller_grad)
-        reads, write_gate, write_weights, state = self.memory.scan(controller, memory_state)
-        return residual + self.read_proj(reads.flatten(-2)), write_gate, write_weights, state
-
-    def add_read(self, block, inputs, output):
-        """Forward hook of block k (memory_layer < num_layers): its output gains the read, so
-        the blocks above attend to what each token read. Causal: the DNC at token t has seen
-        block k's outputs at tokens <= t only."""
-        h = output[0] if isinstance(output, tuple) else output
-        x, *self.memory_out = self.read_and_add(h, self.memory_ln(h), self.memory_in)
-        self.memory_in = None
-        return (x, *output[1:]) if isinstance(output, tuple) else x
+        memory = self.memory(controller, memory_state, context)
+        return residual + self.read_proj(memory.reads.flatten(-2)), memory
 
     def autocast(self, device):
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
+
+
+def at_scored(x, scored):
+    """x (B, T, H) at the scored positions, (K, H) in row-major order; all of x when None."""
+    return x if scored is None else x[scored]
 
 
 def scale_gradient(x, scale):
@@ -1988,36 +1904,20 @@ def entropy_loss(write_weights):
     return write_entropy(write_weights).mean()
 
 
-def write_cost(write_gate):
-    """Mean g^w over every token of the segment, scored or not: the mass written per token.
-
-    A write is paid for at once, and repaid only when a later read lowers the LM loss, so the
-    gradient of λ_w × this closes the gate wherever nothing downstream holds it open. On the
-    recall task, λ_w = 0.1 closed every gate, the facts' too, before any read used them
-    (README, Results: E18); off by default.
-    """
-    return write_gate.float().mean()
-
-
-def compute_loss(out, targets, cfg):
-    """L = L_LM + λ_r L_routing + λ_e L_entropy + λ_w mean g^w; returns the total and its
-    parts as floats.
-
-    With logits at scored positions only (K, V), targets (K,) and no routing loss: it needs
-    the prediction at every position where a gate is trained.
-    """
+def compute_loss(out, targets, cfg, use_dnc):
+    """L = L_LM, and for the DNC + λ_e L_entropy + λ_r L_routing; the total and its parts as
+    floats. out.logits: (B, T, V) with targets (B, T), or (K, V) at the scored positions with
+    targets (K,). The routing loss needs the read-free prediction at every position where a
+    gate is trained, which validate_config ensures wherever λ_r > 0."""
     log_probs = F.log_softmax(out.logits.float(), -1)  # shared by the LM loss and the KL
     lm = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1))
-    if out.write_gate is None:
+    if not use_dnc:
         return lm, {"lm": lm.item()}
     entropy = entropy_loss(out.write_weights)
-    total = lm + cfg.lambda_entropy * entropy + cfg.lambda_write * write_cost(out.write_gate)
-    if log_probs.dim() == 2 or out.nomem_logits is None:  # no routing loss (λ_r = 0 in training)
+    total = lm + cfg.lambda_entropy * entropy
+    if cfg.lambda_routing == 0:
         return total, {"lm": lm.item(), "entropy": entropy.item()}
-    k, nomem = cfg.routing_stride, out.nomem_logits
-    if nomem.shape[1] == out.logits.shape[1]:  # evaluation-mode outputs hold every position
-        nomem = nomem[:, ::k]
-    routing = routing_loss(out.write_gate[:, ::k], token_kl(log_probs.detach()[:, ::k], nomem))
+    routing = routing_loss(out.write_gate, token_kl(log_probs.detach(), out.nomem_logits))
     total = total + cfg.lambda_routing * routing
     return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
 
@@ -2222,13 +2122,6 @@ def recall_metrics(model, episodes_by_distance, cfg):
     return result
 
 
-def evaluate_split(model, data, cfg):
-    """Validation or test metrics: recall episodes, or a token stream (every metric of SPEC)."""
-    if cfg.dataset == "recall":
-        return recall_metrics(model, data, cfg)
-    return evaluate(model, split_batches(data, cfg), cfg.carry_memory)
-
-
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # Training and evaluation
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -2236,17 +2129,42 @@ def evaluate_split(model, data, cfg):
 MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 # a checkpoint made with other values of these cannot continue this run
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
-              "mem_slots", "mem_width", "num_reads", "temporal_links", "temporal_links_from",
-              "batch_size", "seq_len",
+              "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
-              "lambda_write", "seed", "carry_memory",
-              "bptt_segments", "controller_grad", "zero_read_proj", "tie_embeddings",
-              "write_gate_bias", "allocation_gate_bias", "read_strength_bias",
-              "content_mode_bias", "interface_context", "interface_context_from", "dataset",
-              "recall_distances", "loss_on",
-              "curriculum_steps", "recall_facts", "recall_facts_from", "recall_queries",
-              "recall_queries_from", "query_opens_segment", "recall_shift", "recall_shift_from",
-              "context_stride", "memory_layer", "init_from")
+              "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
+              "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
+              "dataset", "recall_distances", "loss_on", "curriculum_steps", "recall_facts",
+              "recall_queries", "recall_shift", "context_stride", "memory_layer", "init_from")
+# Options that lost (experiments/LOG.md) and their defaults: a checkpoint made with another
+# value needs the code of this tag
+REMOVED_OPTIONS = {"lambda_write": 0.0, "write_gate_bias": 0.0, "content_mode_bias": 0.0,
+                   "temporal_links_from": 0, "query_opens_segment": False,
+                   "read_strength_bias": 0.0, "recall_queries_from": 0, "routing_stride": 1}
+REMOVED_TAG = "options-before-cleanup"
+# binding_from replaced three steps that the recall preset always moved together
+BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
+
+
+def binding_from_of(made):
+    """A checkpoint's binding_from: its own, or the one step of the three it replaced.
+
+    Each of the three mattered only where its feature was on; a step where none was is 0."""
+    if "binding_from" in made:
+        return made["binding_from"]
+    on = {"recall_facts_from": made.get("dataset") == "recall" and made.get("recall_facts", 2) > 1,
+          "recall_shift_from": made.get("recall_shift", False),
+          "interface_context_from": made.get("interface_context", 1) > 1}
+    steps = {made.get(name, 0) for name in BINDING_STEPS if on[name]}
+    return steps.pop() if len(steps) == 1 else (None if steps else 0)
+
+
+def removed_options_in(made):
+    """The removed options a checkpoint's config sets away from their defaults, as --key=value."""
+    differ = [f"--{name}={made[name]}" for name, default in REMOVED_OPTIONS.items()
+              if made.get(name, default) != default]
+    if binding_from_of(made) is None:
+        differ += [f"--{name}={made[name]}" for name in BINDING_STEPS if name in made]
+    return differ
 
 
 class TrainingError(Exception):
@@ -2308,6 +2226,21 @@ def load_failure(error):
     return (unsafe or lines or [type(error).__name__])[0][:160]
 
 
+def checkpoint_config(made, path):
+    """The Config a checkpoint was made with, from its saved dict, in this code's fields.
+
+    A field added after the checkpoint was made had its default then: options are added with
+    the default that keeps the earlier behaviour. A removed option is refused unless it was
+    at its default."""
+    removed = removed_options_in(made)
+    if removed:
+        raise ConfigError(f"{path}: made with {' '.join(removed)}, options since removed; run "
+                          f"it with the code of git tag {REMOVED_TAG}, or use another --save_dir")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    made = {**made, "binding_from": binding_from_of(made)}
+    return Config(**{key: value for key, value in made.items() if key in fields})
+
+
 def load_checkpoint(path, cfg, source):
     """Load with weights_only=True (no code runs) and check it belongs to this run."""
     try:
@@ -2319,11 +2252,10 @@ def load_checkpoint(path, cfg, source):
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
         raise ConfigError(f"{path}: not a dnc_gpt2 checkpoint (missing fields); move it away or "
                           f"use another --save_dir")
-    # a field added after the checkpoint was made had its default then: options are added
-    # with the default that keeps the earlier behaviour. Every differing field in one line, so
-    # that a preset that changed several values needs one retry, not one per field.
-    differ = [(field, ckpt["config"].get(field, getattr(Config, field)), getattr(cfg, field))
-              for field in RUN_FIELDS]
+    made = checkpoint_config(ckpt["config"], path)
+    # Every differing field in one line, so that a preset that changed several values needs
+    # one retry, not one per field.
+    differ = [(field, getattr(made, field), getattr(cfg, field)) for field in RUN_FIELDS]
     differ = [(field, theirs, ours) for field, theirs, ours in differ if theirs != ours]
     if differ:
         made = ", ".join(f"{field}={theirs}" for field, theirs, _ in differ)
@@ -2355,10 +2287,11 @@ def wrap_for_hardware(model, cfg, device):
     compiler sees DDP's gradient buckets; DataParallel and compile are exclusive.
     """
     if distributed():
-        # before interface_context_from the earlier tokens' weights are out of the graph
+        # before binding_from the earlier tokens' interface weights are out of the graph
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=model.use_dnc and cfg.interface_context_from > 1)
+            find_unused_parameters=model.use_dnc and cfg.interface_context > 1
+            and cfg.binding_from > 1)
     elif resolve_num_gpus(cfg) > 1:
         return nn.DataParallel(model, device_ids=list(range(resolve_num_gpus(cfg))))
     if cfg.use_compile:
@@ -2427,7 +2360,18 @@ def save_checkpoint(cfg, name, model, optimizer, scaler, step, steps_per_epoch, 
             "history": history, "train_log": log.sums, "rng_states": cpu_states,
             "cuda_rng_states": accel_states, "memory_states": memory_states}
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    prune_checkpoints(cfg, name)
     return path
+
+
+def prune_checkpoints(cfg, name):
+    """keep_checkpoints: delete all but the newest K periodic checkpoints of this model (a
+    resume reads the newest only); FINAL checkpoints are never deleted."""
+    periodic = [path for _, path in list_checkpoints(cfg.save_dir, name)
+                if "_FINAL_" not in path.name]
+    if cfg.keep_checkpoints:
+        for path in periodic[:-cfg.keep_checkpoints]:
+            path.unlink(missing_ok=True)
 
 
 def restore_training(cfg, name, model, optimizer, scaler, source, device):
@@ -2464,29 +2408,36 @@ def training_units(train_ids, cfg):
     return make_windows(train_ids, cfg.seq_len)[0]
 
 
-def steps_in_epoch(units, cfg):
-    if cfg.dataset == "recall":  # fresh episodes at every step: one endless epoch
-        return cfg.max_steps
-    return len(units) // (cfg.bptt_segments if cfg.carry_memory else cfg.batch_size)
+def micro_batches(units, cfg, step, steps_per_epoch):
+    """This process's disjoint share of the global batch of `step`, as grad_accum_steps parts.
+
+    With carry_memory: this process's rows of the next bptt_segments segments, in order.
+    """
+    epoch, position = divmod(step - 1, steps_per_epoch)
+    if cfg.carry_memory:
+        segments = units[position * cfg.bptt_segments:(position + 1) * cfg.bptt_segments]
+        return [s.view(world_size(), -1, s.shape[-1])[rank()] for s in segments]
+    rows = epoch_order(len(units), cfg.seed, epoch)[
+        position * cfg.batch_size:(position + 1) * cfg.batch_size]
+    share = rows.view(world_size(), -1)[rank()]
+    return [units[part] for part in share.view(cfg.grad_accum_steps, -1)]
+
+
+def split_batches(ids, cfg):
+    """Evaluation batches of one split: windows, or with carry_memory consecutive segments."""
+    if cfg.carry_memory:
+        return carried_eval_batches(ids, cfg.seq_len, cfg.batch_size)
+    return eval_batches(ids, cfg.seq_len, cfg.batch_size)
 
 
 def distances(text):
     return [int(d) for d in text.split(",")]
 
 
-def step_batches(units, cfg, step, steps_per_epoch):
-    """The batches of one step and their scored masks (None: every target is scored).
-
-    recall: the consecutive segments of batch_size fresh episodes; the memory starts empty
-    at each step (fresh_memory) and gradients flow through the whole episode.
-    """
-    if cfg.dataset == "recall":
-        episodes = units.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step),
-                                     training_queries(cfg, step), training_facts(cfg, step),
-                                     training_shift(cfg, step))
-        batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
-        return list(batches), (scored_targets(masks, cfg) if cfg.loss_on == "answers" else None)
-    return micro_batches(units, cfg, step, steps_per_epoch), None
+def binding(cfg, step):
+    """Whether binding has started at this step (binding_from): in the recall episodes (two
+    facts, shifted) and in the interface (the earlier tokens)."""
+    return step >= cfg.binding_from
 
 
 def unlocked_distances(cfg, step):
@@ -2500,48 +2451,144 @@ def unlocked_distances(cfg, step):
 
 
 def training_facts(cfg, step):
-    """The facts curriculum: one fact per episode before step recall_facts_from, which needs
-    no binding of code to name, so the lookup starts as storage alone (Results: E27, E28, B1);
-    recall_facts from it on."""
-    return 1 if step < cfg.recall_facts_from else cfg.recall_facts
+    """One fact per episode before binding starts, which needs no binding of code to name, so
+    the lookup starts as storage alone (Results: E27, E28, B1); recall_facts from it on."""
+    return cfg.recall_facts if binding(cfg, step) else 1
 
 
 def training_queries(cfg, step):
-    """The query curriculum: every fact asked before step recall_queries_from, so that
-    storage and elimination start the lookup (Results: P2), recall_queries from it on
-    (never more than the step's facts)."""
+    """recall_queries of the step's facts (0: all of them)."""
     facts = training_facts(cfg, step)
-    if cfg.recall_queries and step >= cfg.recall_queries_from:
-        return min(cfg.recall_queries, facts)
-    return facts
+    return min(cfg.recall_queries, facts) if cfg.recall_queries else facts
 
 
 def training_shift(cfg, step):
-    """The layout curriculum: with recall_shift, the fixed layout before step
-    recall_shift_from, where the lookup starts (from the first step it started on neither of
-    two seeds: Results, R1, R1b), and shifted episodes from it on."""
-    return cfg.recall_shift and step >= cfg.recall_shift_from
+    """With recall_shift, the fixed layout before binding starts, where the lookup starts (from
+    the first step it started on neither of two seeds: Results, RS1, RS1b), then shifted."""
+    return cfg.recall_shift and binding(cfg, step)
 
 
-def set_link_reads(model, cfg, step):
-    """The links curriculum: before step temporal_links_from every read is a content lookup,
-    so the lookup can start as in a DNC without links (with links from the first step it never
-    started on seed 3: Results, H3b, H4); from it on the read modes may follow the links, which
-    by then hold the order of the writes. Measured: the start is kept, but the links are then
-    not taken up (Results: H5, H7)."""
-    if model.use_dnc and cfg.temporal_links:
-        model.memory.follow_links = step >= cfg.temporal_links_from
+def scored_targets(answer_masks, cfg):
+    """loss_on=answers: the answers of each segment, and with context_stride k every k-th target.
+
+    The answers alone starve GPT-2: with no loss elsewhere its hidden states collapse to one
+    vector (README, Results), and the memory's interface, a function of them, with them. An LM
+    loss on every k-th target keeps them apart at 1/k of the LM head's cost.
+    """
+    if cfg.context_stride == 0:
+        return list(answer_masks)
+    every_kth = torch.zeros(answer_masks[0].shape[1], dtype=torch.bool)
+    every_kth[cfg.context_stride - 1::cfg.context_stride] = True
+    return [mask | every_kth for mask in answer_masks]
 
 
-def set_interface_context(model, cfg, step):
-    """The context curriculum: before step interface_context_from the interface reads this
-    token alone, and the earlier tokens' weights, still at their zero start, are not in the
-    graph: no gradient, so AdamW keeps no state for them and their first update is a fresh
-    start, not one scaled by a thousand steps of zero moments. With the earlier tokens from the
-    first step the lookup did not start on seed 2, where with this token alone it had (Results:
-    P11, P9); from the step on they bind a whole name to a code (X2, X3)."""
-    if model.use_dnc:
-        model.memory.use_context = step >= cfg.interface_context_from
+# The two tasks share one interface: source and snippet (for the reports), valid and test (what
+# evaluate takes), steps_per_epoch, step_batches(step) -> (batches, scored masks),
+# fresh_memory(step), evaluate(model, split), table(results), save_outputs(results).
+
+
+class WikiTextTask:
+    """Language modelling on a token stream (WikiText-2, or the generated corpus): shuffled
+    windows, or with carry_memory each batch row one contiguous stream; every metric
+    token-weighted over a whole split."""
+
+    def __init__(self, cfg, streams, source, snippet=None):
+        """streams: the token ids of each split; snippet: the write inspection's tokens."""
+        self.cfg, self.source, self.snippet = cfg, source, snippet
+        self.valid, self.test = streams["valid"], streams["test"]
+        self.units = training_units(streams["train"], cfg)
+        self.steps_per_epoch = len(self.units) // (cfg.bptt_segments if cfg.carry_memory
+                                                   else cfg.batch_size)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"--batch_size={cfg.batch_size}: the train split of {self.source} "
+                              f"is too short for one step of {cfg.batch_size} x {cfg.seq_len} "
+                              f"tokens; lower --batch_size or --seq_len")
+        self.summary = (f"{self.source}; tokens train {len(streams['train']):,}, valid "
+                        f"{len(self.valid):,}, test {len(self.test):,}")
+
+    def step_batches(self, step):
+        batches = micro_batches(self.units, self.cfg, step, self.steps_per_epoch)
+        return batches, [None] * len(batches)
+
+    def fresh_memory(self, step):
+        """A carried DNC state starts empty at each epoch."""
+        return (step - 1) % self.steps_per_epoch == 0
+
+    def evaluate(self, model, split):
+        return evaluate(model, split_batches(split, self.cfg), self.cfg.carry_memory)
+
+    def table(self, results):
+        return comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], self.source)
+
+    def save_outputs(self, results):
+        """The comparison table says it all: no files beyond the common ones."""
+
+
+class RecallTask:
+    """The long-range recall task: fresh episodes at every step (one endless epoch of
+    max_steps), the memory empty at each and flowing through its segments with carry_memory;
+    the loss on the answers (loss_on); validation and test are fixed episodes per distance."""
+
+    def __init__(self, cfg, episodes):
+        """episodes: the RecallGenerator that draws them."""
+        self.cfg, self.episodes = cfg, episodes
+        self.valid = self.episodes.split("valid", distances(cfg.recall_distances))
+        self.test = self.episodes.split("test", distances(cfg.recall_test_distances
+                                                          or cfg.recall_distances))
+        self.steps_per_epoch = cfg.max_steps
+        lengths = " / ".join(str(self.episodes.length(d)) for d in self.test)
+        self.source = (f"generated long-range recall task (train distances "
+                       f"{cfg.recall_distances}, episodes of {lengths} tokens)")
+        first = next(iter(self.valid.values()))
+        facts = int((first.classes[0] != TOKEN_CLASSES.index("filler")).nonzero()[0])
+        self.snippet = first.ids[0, max(0, facts - 4):][:cfg.inspect_tokens]
+        self.summary = (f"{self.source}; {self.episodes.eval_episodes('test')} test episodes "
+                        f"per distance, fresh training episodes at every step")
+
+    def step_batches(self, step):
+        """The consecutive segments of batch_size fresh episodes; gradients flow through the
+        whole episode."""
+        cfg = self.cfg
+        episodes = self.episodes.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step),
+                                             training_queries(cfg, step),
+                                             training_facts(cfg, step), training_shift(cfg, step))
+        batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
+        if cfg.loss_on == "answers":
+            return list(batches), scored_targets(masks, cfg)
+        return list(batches), [None] * len(batches)
+
+    def fresh_memory(self, step):
+        return True
+
+    def evaluate(self, model, split):
+        return recall_metrics(model, split, self.cfg)
+
+    def table(self, results):
+        return recall_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]])
+
+    def save_outputs(self, results):
+        save_recall_json(results, Path(self.cfg.plot_dir) / "recall.json")
+        plot_recall(results, Path(self.cfg.plot_dir) / "recall.png")
+
+
+def load_task(cfg, tokenizer):
+    """The task object of cfg.dataset, its data loaded (or its episodes drawn)."""
+    if cfg.dataset == "recall":
+        task = RecallTask(cfg, recall_generator(cfg, tokenizer))
+    else:
+        streams, source = load_data(cfg, tokenizer)
+        snippet = inspection_snippet(tokenizer, streams["valid"], cfg.inspect_tokens)
+        task = WikiTextTask(cfg, streams, source, snippet)
+    if is_main_process():
+        print(f"data: {task.summary}; {hardware_summary(cfg)}")
+    return task
+
+
+class StepData(NamedTuple):
+    """What one optimizer step trains on."""
+    batches: list  # (B, T + 1) token ids, in order (carry_memory: consecutive segments)
+    scored: list  # per batch, the (B, T) targets of the LM loss; None: every target
+    context: bool  # whether the DNC's interface reads the earlier tokens (binding_from)
 
 
 def learning_rate(cfg, step, total_steps):
@@ -2560,124 +2607,106 @@ def set_learning_rate(optimizer, lr):
         group["lr"] = lr
 
 
-def follow_curricula(model, optimizer, cfg, step, total_steps):
-    """What changes with the step in the model and the optimizer (the episodes' curricula are
-    in step_batches): the learning rate, the read modes, the interface's context."""
-    set_learning_rate(optimizer, learning_rate(cfg, step, total_steps))
-    set_link_reads(model, cfg, step)
-    set_interface_context(model, cfg, step)
-
-
-def scored_targets(answer_masks, cfg):
-    """loss_on=answers: the answers of each segment, and with context_stride k every k-th target.
-
-    The answers alone starve GPT-2: with no loss elsewhere its hidden states collapse to one
-    vector (README, Results), and the memory's interface, a function of them, with them. An LM
-    loss on every k-th target keeps them apart at 1/k of the LM head's cost.
-    """
-    if cfg.context_stride == 0:
-        return list(answer_masks)
-    every_kth = torch.zeros(answer_masks[0].shape[1], dtype=torch.bool)
-    every_kth[cfg.context_stride - 1::cfg.context_stride] = True
-    return [mask | every_kth for mask in answer_masks]
-
-
-def fresh_memory(cfg, step, steps_per_epoch):
-    """Whether the carried DNC state starts empty at this step: each epoch, each recall step."""
-    return cfg.dataset == "recall" or (step - 1) % steps_per_epoch == 0
-
-
 def input_tokens(batches):
     """The input tokens of one step over all processes: every row of every batch, so that a
     recall step counts its whole episode and a carried-memory step its bptt_segments segments."""
     return world_size() * sum(batch[:, :-1].numel() for batch in batches)
 
 
-def micro_batches(units, cfg, step, steps_per_epoch):
-    """This process's disjoint share of the global batch of `step`, as grad_accum_steps parts.
+def scored_count(batch, mask):
+    return batch[:, 1:].numel() if mask is None else int(mask.sum())
 
-    With carry_memory: this process's rows of the next bptt_segments segments, in order.
+
+def forward_batch(runner, batch, mask, state, context, device):
+    """The model's output on one batch and the targets it is scored on."""
+    batch = batch.to(device)
+    mask = mask.to(device) if mask is not None else None
+    # keywords only when given: DataParallel pads missing inputs badly
+    extra = {"memory_state": state} if state is not None else {}
+    extra.update({"scored": mask} if mask is not None else {})
+    out = runner(batch[:, :-1], context=context, **extra)
+    return out, (batch[:, 1:] if mask is None else batch[:, 1:][mask])
+
+
+def add_step_sums(sums, out, targets, loss, parts):
+    """The token-weighted train metrics of one batch."""
+    tokens = targets.numel()
+    sums["tokens"] += tokens
+    sums["correct"] += (out.logits.argmax(-1) == targets).sum().item()
+    sums["total"] += loss.item() * tokens
+    for key, value in parts.items():
+        sums[key] += value * tokens
+    if out.write_gate is not None:
+        sums["gate"] += out.write_gate.float().mean().item() * tokens
+
+
+def forward_backward(runner, use_dnc, scaler, data, cfg, device, state):
+    """Forward, loss and backward over one step's batches; the step's sums and the DNC state
+    after its last batch.
+
+    Each loss is weighted by its share of the step's scored tokens, so the gradient is that of
+    the mean loss over the step. With a carried DNC state, the state flows from each batch to
+    the next and one backward over their summed loss runs after the last, so gradients flow
+    through the step's segments (bptt_segments, a recall episode); else each batch has its own
+    backward. A batch with no scored target adds no loss but still carries the state.
     """
-    epoch, position = divmod(step - 1, steps_per_epoch)
-    if cfg.carry_memory:
-        segments = units[position * cfg.bptt_segments:(position + 1) * cfg.bptt_segments]
-        return [s.view(world_size(), -1, s.shape[-1])[rank()] for s in segments]
-    rows = epoch_order(len(units), cfg.seed, epoch)[
-        position * cfg.batch_size:(position + 1) * cfg.batch_size]
-    share = rows.view(world_size(), -1)[rank()]
-    return [units[part] for part in share.view(cfg.grad_accum_steps, -1)]
-
-
-def train_step(runner, model, optimizer, scaler, batches, cfg, stop, device, state=None,
-               scored=None):
-    """Forward and backward over the micro-batches, then one optimizer step.
-
-    Returns the step's sums (all-reduced), the gradient norm and, with carry_memory, the DNC
-    state after the last segment, detached: gradients flow through the bptt_segments segments
-    of one step (one backward over their summed loss) and stop at its boundary. Each loss is
-    weighted by its share of the step's scored tokens, so the gradient is that of the mean
-    loss over the step. scored: one (B, T) mask per batch, the targets of the LM loss
-    (loss_on=answers); a batch with none adds no loss but still carries the state.
-    """
-    scored = scored or [None] * len(batches)
-    counts = [batch[:, 1:].numel() if mask is None else int(mask.sum())
-              for batch, mask in zip(batches, scored)]
+    counts = [scored_count(batch, mask) for batch, mask in zip(data.batches, data.scored)]
     sums, pending = dict.fromkeys(STEP_SUMS, 0.0), 0.0
-    carries = cfg.carry_memory and model.use_dnc
-    for i, (batch, mask) in enumerate(zip(batches, scored)):
+    carries = cfg.carry_memory and use_dnc
+    for i, (batch, mask) in enumerate(zip(data.batches, data.scored)):
         if not counts[i] and not carries:  # nothing to learn from it, no state to pass on
             continue
-        batch = batch.to(device)
-        mask = mask.to(device) if mask is not None else None
-        targets = batch[:, 1:] if mask is None else batch[:, 1:][mask]
-        last = i == len(batches) - 1
-        sync = runner.no_sync() if distributed() and not last else contextlib.nullcontext()
-        with sync:
-            # keywords only when given: DataParallel pads missing inputs badly
-            extra = {"memory_state": state} if state is not None else {}
-            extra.update({"scored": mask} if mask is not None else {})
-            out = runner(batch[:, :-1], **extra)
-            if cfg.carry_memory:
-                state = out.memory_state
+        last = i == len(data.batches) - 1
+        with runner.no_sync() if distributed() and not last else contextlib.nullcontext():
+            out, targets = forward_batch(runner, batch, mask, state, data.context, device)
+            state = out.memory_state if cfg.carry_memory else state
             if counts[i]:
-                loss, parts = compute_loss(out, targets, cfg)
+                loss, parts = compute_loss(out, targets, cfg, use_dnc)
                 pending = pending + loss * (counts[i] / sum(counts))
+                add_step_sums(sums, out, targets, loss, parts)
             if (last or not carries) and torch.is_tensor(pending):
                 scaler.scale(pending).backward()
                 pending = 0.0
-        if not counts[i]:
-            continue
-        tokens = counts[i]
-        sums["tokens"] += tokens
-        sums["correct"] += (out.logits.argmax(-1) == targets).sum().item()
-        sums["total"] += loss.item() * tokens
-        for key, value in parts.items():
-            sums[key] += value * tokens
-        if out.write_gate is not None:
-            sums["gate"] += out.write_gate.float().mean().item() * tokens
-    sums["stop"] = float(stop.signum is not None)
-    if distributed():  # every process then takes the same decisions (stop, diverged) together
-        totals = torch.tensor([sums[k] for k in STEP_SUMS], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        sums = dict(zip(STEP_SUMS, totals.tolist()))
+    return sums, state
+
+
+def all_reduce_sums(sums, device):
+    """Sums over processes, so that every process takes the same decisions (stop, diverged)."""
+    totals = torch.tensor([sums[k] for k in STEP_SUMS], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return dict(zip(STEP_SUMS, totals.tolist()))
+
+
+def clipped_update(model, optimizer, scaler, cfg, total_loss):
+    """Clip the gradient norm and take the optimizer step; returns the norm before clipping.
+
+    A non-finite loss or gradient skips the step, and check_finite then stops the run; with
+    fp16 the scaler itself skips steps whose gradients overflowed and lowers its scale."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-    # a non-finite loss or gradient skips the step, and check_finite then stops the run; with
-    # fp16 the scaler itself skips steps whose gradients overflowed and lowers its scale
-    if math.isfinite(sums["total"]) and (math.isfinite(grad_norm) or scaler.is_enabled()):
+    if math.isfinite(total_loss) and (math.isfinite(grad_norm) or scaler.is_enabled()):
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if state is not None:
-        state = DNCState(*(x.detach() if x is not None else None for x in state))
-    return sums, grad_norm, state
+    return grad_norm
 
 
-def split_batches(ids, cfg):
-    """Evaluation batches of one split: windows, or with carry_memory consecutive segments."""
-    if cfg.carry_memory:
-        return carried_eval_batches(ids, cfg.seq_len, cfg.batch_size)
-    return eval_batches(ids, cfg.seq_len, cfg.batch_size)
+def detached(state):
+    """A carried DNC state cut from this step's graph: gradients stop at the step boundary."""
+    return None if state is None else DNCState(*(x.detach() if x is not None else None
+                                                 for x in state))
+
+
+def train_step(runner, model, optimizer, scaler, data, cfg, stop, device, state=None):
+    """One optimizer step: forward, loss and backward over the step's batches; the sums over
+    processes, with the stop request; the clipped update. Returns the sums, the gradient norm
+    and the DNC state to carry into the next step."""
+    sums, state = forward_backward(runner, model.use_dnc, scaler, data, cfg, device, state)
+    sums["stop"] = float(stop.signum is not None)
+    if distributed():
+        sums = all_reduce_sums(sums, device)
+    grad_norm = clipped_update(model, optimizer, scaler, cfg, sums["total"])
+    return sums, grad_norm, detached(state)
 
 
 def check_finite(name, step, loss, grad_norm, cfg):
@@ -2688,7 +2717,7 @@ def check_finite(name, step, loss, grad_norm, cfg):
                                 f"good checkpoint stays in {cfg.save_dir} (try a lower --lr)")
 
 
-def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
+def train_model(cfg, use_dnc, task, device, stop, live=None):
     """Train one model; validate and checkpoint every save_every_steps and at the end.
 
     live (a LiveView): shown the train rows and each validation as they come."""
@@ -2699,23 +2728,27 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(cfg) == torch.float16)
     torch.manual_seed(cfg.seed + rank())  # dropout: one stream per process, restored on resume
-    step, history, log, carried = restore_training(cfg, name, model, optimizer, scaler, source,
-                                                   device)
-    steps_per_epoch = steps_in_epoch(units, cfg)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    step, history, log, carried = restore_training(cfg, name, model, optimizer, scaler,
+                                                   task.source, device)
+    total_steps = cfg.max_steps or cfg.epochs * task.steps_per_epoch
     runner = wrap_for_hardware(model, cfg, device)
     model.train()
+
+    def checkpoint(final=False):
+        return save_checkpoint(cfg, name, model, optimizer, scaler, step, task.steps_per_epoch,
+                               history, log, task.source, device, carried, final)
+
     with tqdm(total=total_steps, initial=step, desc=f"{name:<13}", dynamic_ncols=True,
               mininterval=1.0, disable=not is_main_process()) as bar:  # closed on errors too
         started, seen = time.time(), 0
         for step in range(step + 1, total_steps + 1):
-            if fresh_memory(cfg, step, steps_per_epoch):
+            if task.fresh_memory(step):
                 carried = None
-            batches, scored = step_batches(units, cfg, step, steps_per_epoch)
-            seen += input_tokens(batches)
-            follow_curricula(model, optimizer, cfg, step, total_steps)
-            sums, grad_norm, carried = train_step(runner, model, optimizer, scaler, batches, cfg,
-                                                  stop, device, carried, scored)
+            data = StepData(*task.step_batches(step), binding(cfg, step))
+            seen += input_tokens(data.batches)
+            set_learning_rate(optimizer, learning_rate(cfg, step, total_steps))
+            sums, grad_norm, carried = train_step(runner, model, optimizer, scaler, data, cfg,
+                                                  stop, device, carried)
             check_finite(name, step, sums.pop("total") / sums["tokens"],
                          grad_norm if not scaler.is_enabled() else 0.0, cfg)
             stop_requested = sums.pop("stop") > 0
@@ -2731,19 +2764,16 @@ def train_model(cfg, use_dnc, units, valid, device, source, stop, live=None):
                             tok_s=f"{tokens_per_s:.0f}")
             final = step == total_steps
             if final or step % cfg.save_every_steps == 0:
-                metrics = evaluate_split(model, valid, cfg)
+                metrics = task.evaluate(model, task.valid)
                 history["val"].append({"step": step, **metrics})
-                path = save_checkpoint(cfg, name, model, optimizer, scaler, step,
-                                       steps_per_epoch, history, log, source, device, carried,
-                                       final)
+                path = checkpoint(final)
                 if live:
                     live.validation(name, history)
                 exact = f", exact {metrics['exact']:.3f}" if "exact" in metrics else ""
                 bar.write(f"{name} step {step}: valid loss {metrics['loss']:.4f}, ppl "
                           f"{metrics['ppl']:.2f}, top-1 {metrics['top1_acc']:.4f}{exact} -> {path}")
             elif stop_requested:
-                path = save_checkpoint(cfg, name, model, optimizer, scaler, step,
-                                       steps_per_epoch, history, log, source, device, carried)
+                path = checkpoint()
             if stop_requested:
                 raise Interrupted(f"stopped by a signal at step {step} of {name}: saved {path}")
     return model, history
@@ -3077,14 +3107,6 @@ def inspect_writes(model, tokenizer, snippet):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 
-def print_results(cfg, results, source):
-    print()
-    if cfg.dataset == "recall":
-        print(recall_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]]))
-    else:
-        print(comparison_table(results[MODEL_NAMES[0]], results[MODEL_NAMES[1]], source))
-
-
 def generation_table(prompt, continuations, gates, cfg):
     """Both models' continuations token by token, with the DNC's write gate at each token."""
     how = "greedy" if cfg.temperature == 0 else (f"temperature {cfg.temperature:g}, top-k "
@@ -3099,52 +3121,19 @@ def generation_table(prompt, continuations, gates, cfg):
     return "\n".join(lines)
 
 
-def report(cfg, models, histories, results, tokenizer, snippet, source):
+def report(cfg, task, models, histories, results, tokenizer):
     """Rank 0: history, plots, the comparison table and the write inspection."""
-    save_history(cfg, histories, source)
+    save_history(cfg, histories, task.source)
     plot_training_curves(histories, Path(cfg.plot_dir) / "training_curves.png")
-    print_results(cfg, results, source)
-    if cfg.dataset == "recall":
-        save_recall_json(results, Path(cfg.plot_dir) / "recall.json")
-        plot_recall(results, Path(cfg.plot_dir) / "recall.png")
-    table, tokens, gates, weights = inspect_writes(models[MODEL_NAMES[1]], tokenizer, snippet)
-    print(f"\n  MEMORY WRITE INSPECTION — GPT2 + DNC on a validation snippet of {source}")
+    print("\n" + task.table(results))
+    task.save_outputs(results)
+    table, tokens, gates, weights = inspect_writes(models[MODEL_NAMES[1]], tokenizer,
+                                                   task.snippet)
+    print(f"\n  MEMORY WRITE INSPECTION — GPT2 + DNC on a validation snippet of {task.source}")
     print(table)
     plot_memory_writes(tokens, gates, weights, Path(cfg.plot_dir) / "memory_writes.png")
     print(f"\nplots: {Path(cfg.plot_dir) / 'training_curves.png'}, "
           f"{Path(cfg.plot_dir) / 'memory_writes.png'}; checkpoints: {cfg.save_dir}")
-
-
-def load_task(cfg, tokenizer):
-    """Training units, validation and test data, the source's name and an inspection snippet.
-
-    wikitext: token streams; recall: the episode generator and {distance: Episodes}.
-    """
-    if cfg.dataset == "recall":
-        task = recall_task(cfg, tokenizer)
-        valid = task.split("valid", distances(cfg.recall_distances))
-        test = task.split("test", distances(cfg.recall_test_distances or cfg.recall_distances))
-        source = (f"generated long-range recall task (train distances {cfg.recall_distances}, "
-                  f"episodes of {' / '.join(str(task.length(d)) for d in test)} tokens)")
-        first = next(iter(valid.values()))
-        facts = int((first.classes[0] != TOKEN_CLASSES.index("filler")).nonzero()[0])
-        snippet = first.ids[0, max(0, facts - 4):][:cfg.inspect_tokens]
-        if is_main_process():
-            print(f"data: {source}; {task.eval_episodes('test')} test episodes per distance, "
-                  f"fresh training episodes at every step; {hardware_summary(cfg)}")
-        return task, valid, test, source, snippet
-    streams, source = load_data(cfg, tokenizer)
-    units = training_units(streams["train"], cfg)
-    if steps_in_epoch(units, cfg) < 1:
-        raise ConfigError(f"--batch_size={cfg.batch_size}: the train split of {source} is too "
-                          f"short for one step of {cfg.batch_size} x {cfg.seq_len} tokens; lower "
-                          f"--batch_size or --seq_len")
-    if is_main_process():
-        print(f"data: {source}; tokens train {len(streams['train']):,}, valid "
-              f"{len(streams['valid']):,}, test {len(streams['test']):,}; "
-              f"{hardware_summary(cfg)}")
-    snippet = inspection_snippet(tokenizer, streams["valid"], cfg.inspect_tokens)
-    return units, streams["valid"], streams["test"], source, snippet
 
 
 def checked_tokenizer(cfg):
@@ -3159,24 +3148,23 @@ def run(cfg, stop):
     """Load data, train both models, compare them on the test split; returns the test metrics."""
     device = resolve_device(cfg)
     tokenizer = checked_tokenizer(cfg)
-    units, valid, test, source, snippet = load_task(cfg, tokenizer)
+    task = load_task(cfg, tokenizer)
     if cfg.resume:  # a bad checkpoint of either model stops the run before any training
         for name in MODEL_NAMES:
             for _, path in list_checkpoints(cfg.save_dir, name)[-1:]:
-                load_checkpoint(path, cfg, source)
+                load_checkpoint(path, cfg, task.source)
     models, histories, results = {}, {}, {}
-    live = LiveView(cfg, source, histories)
+    live = LiveView(cfg, task.source, histories)
     try:
         for use_dnc in (False, True):
             name = MODEL_NAMES[use_dnc]
-            models[name], histories[name] = train_model(cfg, use_dnc, units, valid, device,
-                                                        source, stop, live)
-            results[name] = evaluate_split(models[name], test, cfg)
+            models[name], histories[name] = train_model(cfg, use_dnc, task, device, stop, live)
+            results[name] = task.evaluate(models[name], task.test)
             results[name]["params"] = count_parameters(models[name])
     finally:
         live.close()
     if is_main_process():
-        report(cfg, models, histories, results, tokenizer, snippet, source)
+        report(cfg, task, models, histories, results, tokenizer)
     return results
 
 
@@ -3241,10 +3229,10 @@ def use_finished_models(cfg):
     tokenizer = checked_tokenizer(cfg)
     models = final_models(cfg, device)
     if cfg.eval_only:
-        _, _, test, source, _ = load_task(cfg, tokenizer)
-        results = {name: {**evaluate_split(model, test, cfg), "params": count_parameters(model)}
+        task = load_task(cfg, tokenizer)
+        results = {name: {**task.evaluate(model, task.test), "params": count_parameters(model)}
                    for name, model in models.items()}
-        print_results(cfg, results, source)
+        print("\n" + task.table(results))
     if cfg.generate:
         prompt = tokenizer.encode(cfg.generate)
         continuations, gates = {}, []

@@ -2,13 +2,12 @@
 
     python tests/bench_speed.py                      # every case at the default Config
     python tests/bench_speed.py --cases=train --repeats=7
-    python tests/bench_speed.py --cases=train --routing_stride=4     # the approximate option
     python tests/bench_speed.py --device=cuda --cases=train,train_compiled --no_peak  # a GPU
     python tests/bench_speed.py --cases=loop,loop_links,loop_small --kernels=fused
     python tests/bench_speed.py --cases=train_small_norouting       # lambda_routing=0
 
 Every model case runs once per --kernels entry (Config.dnc_kernel: fused, eager). The loop
-cases time the DNC's scan alone (DNCMemory.scan on random hidden states), forward and
+cases time the DNC's scan alone (DNCMemory on random hidden states), forward and
 forward + backward, fused against eager, interleaved.
 
 Prints one JSON line per case, then a table. Each ratio compares the two models measured
@@ -48,10 +47,10 @@ SMALL = dict(hidden_size=128, num_layers=2, num_heads=4, mem_slots=32, mem_width
              num_reads=2, batch_size=8, seq_len=64)
 
 
-def case_config(case, routing_stride, device="auto", kernel="auto"):
+def case_config(case, device="auto", kernel="auto"):
     """train | eval | loop, then optionally _small (recall sizes), _links, _norouting
     (lambda_routing=0, as the recall preset trains: no read-free LM head, no KL), _compiled."""
-    return dnc_gpt2.Config(temporal_links="_links" in case, routing_stride=routing_stride,
+    return dnc_gpt2.Config(temporal_links="_links" in case,
                            use_compile=case.endswith("_compiled"), compile_mode="default",
                            device=device, dnc_kernel=kernel,
                            **(SMALL if "_small" in case else {}),
@@ -75,7 +74,7 @@ def make_stepper(cfg, use_dnc, kind):
 
     def train_step():
         out = runner(batch[:, :-1])
-        loss, _ = dnc_gpt2.compute_loss(out, batch[:, 1:], cfg)
+        loss, _ = dnc_gpt2.compute_loss(out, batch[:, 1:], cfg, use_dnc)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -121,11 +120,11 @@ def time_loop(cfg, repeats):
 
     def forward():
         with torch.no_grad():
-            memory.scan(h)
+            memory(h)
         synchronize(device)
 
     def forward_backward():
-        reads, _, write_weights, _ = memory.scan(h)
+        reads, _, write_weights, _ = memory(h)
         (reads.square().sum() + write_weights.sum()).backward()
         synchronize(device)
 
@@ -146,7 +145,7 @@ def time_loop(cfg, repeats):
 def peak_in_fresh_process(case, use_dnc, args):
     """Peak RSS (MiB) of a new process that builds one model and runs two of its steps."""
     command = [sys.executable, __file__, f"--peak_of={case}:{int(use_dnc)}",
-               f"--routing_stride={args.routing_stride}", f"--device={args.device}",
+               f"--device={args.device}",
                f"--kernels={args.kernels}"] + (
                   ["--malloc_default"] if args.malloc_default else [])
     return round(float(subprocess.run(command, capture_output=True, text=True,
@@ -179,7 +178,6 @@ def main():
                                 "data_load")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    parser.add_argument("--routing_stride", type=int, default=1, help="Config.routing_stride")
     parser.add_argument("--device", default="auto", help="Config.device: auto, cpu or cuda")
     parser.add_argument("--kernels", default="fused,eager",
                         help="Config.dnc_kernel values to run each model case with")
@@ -194,7 +192,7 @@ def main():
         dnc_gpt2.keep_freed_memory()
     if args.peak_of:
         case, use_dnc = args.peak_of.split(":")
-        cfg = case_config(case, args.routing_stride, args.device, args.kernels.split(",")[0])
+        cfg = case_config(case, args.device, args.kernels.split(",")[0])
         step = make_stepper(cfg, use_dnc == "1", case.split("_")[0])
         step()
         step()
@@ -204,7 +202,7 @@ def main():
     cfg = dnc_gpt2.Config(device=args.device)
     machine = (f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
                f"threads, malloc {'default' if args.malloc_default else 'keep_freed_memory'}, "
-               f"routing_stride {args.routing_stride}, {dnc_gpt2.hardware_summary(cfg)}")
+               f"{dnc_gpt2.hardware_summary(cfg)}")
     print("# default Config (B=4, T=128, 6 layers, 768 wide, 8 heads, N=64, W=128, R=4); "
           f"_small: the recall preset's model at 8 x 64 tokens; peak: "
           f"{'GPU memory allocated' if dnc_gpt2.resolve_device(cfg).type == 'cuda' else 'RSS'}; "
@@ -214,10 +212,10 @@ def main():
         if case == "data_load":
             results.append({"case": case, **time_data_load()})
         elif case.startswith("loop"):
-            cfg = case_config(case, args.routing_stride, args.device)
+            cfg = case_config(case, args.device)
             results.append({"case": case, **time_loop(cfg, args.repeats)})
         for kernel in args.kernels.split(",") if case.split("_")[0] in ("train", "eval") else []:
-            cfg = case_config(case, args.routing_stride, args.device, kernel)
+            cfg = case_config(case, args.device, kernel)
             result = time_interleaved(cfg, args.repeats, case.split("_")[0])
             if not args.no_peak and not cfg.use_compile:
                 one = argparse.Namespace(**{**vars(args), "kernels": kernel})

@@ -1004,7 +1004,7 @@ def epoch_order(num_windows, seed, epoch):
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# DNC memory (Graves et al. 2016, Methods; one step per token, batched over B and read heads)
+# DNC equations (Graves et al. 2016, Methods; one step per token, batched over B and read heads)
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 COSINE_EPS = 1e-6  # keeps cosine similarity finite for an all-zero memory row or key
@@ -1115,8 +1115,42 @@ def dnc_step(state, iface):
     return read_memory(memory, read_weights), new_state
 
 
-# The fused scan (dnc_kernel): the loop of dnc_step over T tokens, forward and backward, as one
-# C++ operation. The eager loop builds ~150 autograd nodes per token, and at these sizes their
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# The fused scans: the loop of dnc_step over T tokens as one operation (dnc_kernel)
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+
+# The positions of the fields in the flat tensor lists that a scan takes and returns (the
+# interface over T tokens, then the state), named once for the Python and the C++ side.
+IFACE_FIELDS = DNCInterface._fields
+STATE_FIELDS = DNCState._fields
+
+
+def cpp_field_names():
+    """C++ enums of IFACE_FIELDS and STATE_FIELDS, by which the C++ scan indexes its lists."""
+    def enum(name, fields):
+        return f"enum {name} {{ " + ", ".join([*(f.upper() for f in fields), name.upper()]) + " };\n"
+    return enum("Iface_Fields", IFACE_FIELDS) + enum("State_Fields", STATE_FIELDS)
+
+
+def scan_inputs(state, iface):
+    """The flat list a scan takes: the interface fields over T tokens (B, T, ...; the three
+    scalar gates and β^w as (B, T)), then the state fields; absent link fields are empty."""
+    empty = iface.write_key.new_empty(0)
+    scalars = ("write_strength", "allocation_gate", "write_gate")
+    fields = [x[..., 0] if name in scalars else x for name, x in iface._asdict().items()]
+    return [empty if x is None else x for x in [*fields, *state]]
+
+
+def run_scan(scan, state, iface):
+    """A scan Function over all tokens of iface in one call: reads (B, T, R, W), write weights
+    (B, T, N) and the final state, equal to the eager loop's."""
+    reads, write_weights, *final = scan.apply(*scan_inputs(state, iface))
+    final = [None if old is None else new for old, new in zip(state, final)]
+    return reads, write_weights, DNCState(*final)
+
+
+# The C++ scan: the loop of dnc_step over T tokens, forward and backward, as one CPU operation. The eager loop builds ~150 autograd nodes per token, and at these sizes their
 # overhead, not arithmetic, is most of a DNC step; the kernel runs the same equations in plain
 # loops over one batch row at a time and keeps what its hand-written backward needs. The eager
 # loop stays the reference (tests compare the two) and the fallback.
@@ -1195,12 +1229,12 @@ struct Iface {
   const T *kw, *bw, *e, *v, *f, *ga, *gw, *kr, *br, *pi;
   Iface(const std::vector<at::Tensor>& x, int64_t b, int64_t t, const Sizes& s) {
     int64_t bt = b * s.T + t;
-    kw = x[0].data_ptr<T>() + bt * s.W; bw = x[1].data_ptr<T>() + bt;
-    e = x[2].data_ptr<T>() + bt * s.W; v = x[3].data_ptr<T>() + bt * s.W;
-    f = x[4].data_ptr<T>() + bt * s.R; ga = x[5].data_ptr<T>() + bt;
-    gw = x[6].data_ptr<T>() + bt; kr = x[7].data_ptr<T>() + bt * s.R * s.W;
-    br = x[8].data_ptr<T>() + bt * s.R;
-    pi = s.links ? x[9].data_ptr<T>() + bt * s.R * 3 : nullptr;
+    kw = x[WRITE_KEY].data_ptr<T>() + bt * s.W; bw = x[WRITE_STRENGTH].data_ptr<T>() + bt;
+    e = x[ERASE_VECTOR].data_ptr<T>() + bt * s.W; v = x[WRITE_VECTOR].data_ptr<T>() + bt * s.W;
+    f = x[FREE_GATES].data_ptr<T>() + bt * s.R; ga = x[ALLOCATION_GATE].data_ptr<T>() + bt;
+    gw = x[WRITE_GATE].data_ptr<T>() + bt; kr = x[READ_KEYS].data_ptr<T>() + bt * s.R * s.W;
+    br = x[READ_STRENGTHS].data_ptr<T>() + bt * s.R;
+    pi = s.links ? x[READ_MODES].data_ptr<T>() + bt * s.R * 3 : nullptr;
   }
 };
 
@@ -1211,10 +1245,10 @@ struct State {
   T *M, *u, *ww, *wr, *L, *p;
   State(const std::vector<at::Tensor>& h, int64_t b, int64_t t, const Sizes& s) {
     int64_t bt = b * (s.T + 1) + t;
-    M = h[0].data_ptr<T>() + bt * s.N * s.W; u = h[1].data_ptr<T>() + bt * s.N;
-    ww = h[2].data_ptr<T>() + bt * s.N; wr = h[3].data_ptr<T>() + bt * s.R * s.N;
-    L = s.links ? h[4].data_ptr<T>() + bt * s.N * s.N : nullptr;
-    p = s.links ? h[5].data_ptr<T>() + bt * s.N : nullptr;
+    M = h[MEMORY].data_ptr<T>() + bt * s.N * s.W; u = h[USAGE].data_ptr<T>() + bt * s.N;
+    ww = h[WRITE_WEIGHTS].data_ptr<T>() + bt * s.N; wr = h[READ_WEIGHTS].data_ptr<T>() + bt * s.R * s.N;
+    L = s.links ? h[LINK].data_ptr<T>() + bt * s.N * s.N : nullptr;
+    p = s.links ? h[PRECEDENCE].data_ptr<T>() + bt * s.N : nullptr;
   }
 };
 
@@ -1425,8 +1459,8 @@ static void step_backward(const Iface<T>& x, const State<T>& o, const State<T>& 
 // T, R and the links from the interface; N and W from a memory (..., N, W)
 static Sizes sizes_of(const std::vector<at::Tensor>& iface, const at::Tensor& memory,
                       double eps) {
-  bool links = iface[9].numel() > 0;
-  return Sizes{iface[0].size(1), memory.size(-2), memory.size(-1), iface[4].size(2), links, eps};
+  bool links = iface[READ_MODES].numel() > 0;
+  return Sizes{iface[WRITE_KEY].size(1), memory.size(-2), memory.size(-1), iface[FREE_GATES].size(2), links, eps};
 }
 
 // Forward over all T tokens. iface: the 10 DNCInterface fields (B, T, ...), read_modes empty
@@ -1436,7 +1470,7 @@ static Sizes sizes_of(const std::vector<at::Tensor>& iface, const at::Tensor& me
 std::vector<at::Tensor> scan_forward(std::vector<at::Tensor> iface, std::vector<at::Tensor> state,
                                      double eps) {
   for (auto& x : iface) x = x.contiguous();
-  const at::Tensor& M0 = state[0];
+  const at::Tensor& M0 = state[MEMORY];
   Sizes s = sizes_of(iface, M0, eps);
   const int64_t B = M0.size(0), T = s.T, N = s.N, W = s.W, R = s.R;
   auto opt = M0.options();
@@ -1444,7 +1478,7 @@ std::vector<at::Tensor> scan_forward(std::vector<at::Tensor> iface, std::vector<
       at::empty({B, T + 1, N, W}, opt), at::empty({B, T + 1, N}, opt),
       at::empty({B, T + 1, N}, opt), at::empty({B, T + 1, R, N}, opt),
       at::empty({B, s.links ? T + 1 : 0, N, N}, opt), at::empty({B, s.links ? T + 1 : 0, N}, opt)};
-  for (int f = 0; f < 6; ++f)
+  for (int f = 0; f < STATE_FIELDS; ++f)
     if (hist[f].numel()) hist[f].select(1, 0).copy_(state[f]);
   std::vector<at::Tensor> saved = {
       at::empty({B, T, N}, opt), at::empty({B, T, N}, opt), at::empty({B, T, R, N}, opt),
@@ -1477,20 +1511,20 @@ std::vector<at::Tensor> scan_backward(std::vector<at::Tensor> iface, std::vector
   for (auto& x : iface) x = x.contiguous();
   grad_reads = grad_reads.contiguous();
   grad_ww = grad_ww.contiguous();
-  Sizes s = sizes_of(iface, hist[0], eps);
-  const int64_t B = hist[0].size(0), T = s.T, N = s.N, W = s.W, R = s.R;
+  Sizes s = sizes_of(iface, hist[MEMORY], eps);
+  const int64_t B = hist[MEMORY].size(0), T = s.T, N = s.N, W = s.W, R = s.R;
   std::vector<at::Tensor> giface;
   for (auto& x : iface) giface.push_back(at::zeros_like(x));
   std::vector<at::Tensor> ginit;
-  for (int f = 0; f < 6; ++f) ginit.push_back(at::zeros_like(grad_final[f]));
+  for (int f = 0; f < STATE_FIELDS; ++f) ginit.push_back(at::zeros_like(grad_final[f]));
   for (auto& x : grad_final) x = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(hist[0].scalar_type(), "dnc_scan_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(hist[MEMORY].scalar_type(), "dnc_scan_backward", [&] {
     using T_ = scalar_t;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       Grads<T_> g(s), prev(s);
-      std::vector<T_>* fields[6] = {&g.M, &g.u, &g.ww, &g.wr, &g.L, &g.p};
+      std::vector<T_>* fields[STATE_FIELDS] = {&g.M, &g.u, &g.ww, &g.wr, &g.L, &g.p};
       for (int64_t b = begin; b < end; ++b) {
-        for (int f = 0; f < 6; ++f) {
+        for (int f = 0; f < STATE_FIELDS; ++f) {
           auto& v = *fields[f];
           if (v.empty()) continue;
           const T_* src = grad_final[f].data_ptr<T_>() + b * int64_t(v.size());
@@ -1502,7 +1536,7 @@ std::vector<at::Tensor> scan_backward(std::vector<at::Tensor> iface, std::vector
                             grad_reads.data_ptr<T_>() + (b * T + t) * R * W,
                             grad_ww.data_ptr<T_>() + (b * T + t) * N, g, prev,
                             Iface<T_>(giface, b, t, s), s);
-        for (int f = 0; f < 6; ++f) {  // g now holds the gradient of the initial state
+        for (int f = 0; f < STATE_FIELDS; ++f) {  // g now holds the gradient of the initial state
           auto& v = *fields[f];
           if (v.empty()) continue;
           std::copy(v.begin(), v.end(), ginit[f].data_ptr<T_>() + b * int64_t(v.size()));
@@ -1541,11 +1575,12 @@ def fused_scan_extension():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         # -march=native vectorises the sums for this CPU; the build is keyed by the CPU too, so
         # a cache shared with another kind of machine never loads code it cannot run
-        key = DNC_SCAN_CPP + cpu_signature()
+        source = cpp_field_names() + DNC_SCAN_CPP
+        key = source + cpu_signature()
         name = "dnc_scan_" + hashlib.sha256(key.encode()).hexdigest()[:12]
         try:
             _FUSED_SCAN["module"] = load_inline(
-                name, cpp_sources=[DNC_SCAN_CPP], functions=["scan_forward", "scan_backward"],
+                name, cpp_sources=[source], functions=["scan_forward", "scan_backward"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as error:  # a missing compiler, ninja or Python header: fall back
             lines = str(error).strip().splitlines() or [type(error).__name__]
@@ -1571,40 +1606,35 @@ def scan_route(kernel, device_type):
 
 
 class FusedScan(torch.autograd.Function):
-    """Inputs: the 10 DNCInterface fields over T tokens (B, T, ...; the three scalar gates and
-    β^w as (B, T)), then the 6 DNCState fields; absent link fields are empty tensors. Outputs:
-    reads (B, T, R, W), write weights (B, T, N), the 6 fields of the final state."""
+    """The C++ scan. Inputs: scan_inputs. Outputs: reads (B, T, R, W), write weights (B, T, N),
+    the fields of the final state (empty where absent)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        iface, state = list(inputs[:10]), list(inputs[10:])
+        n = len(IFACE_FIELDS)
+        iface, state = list(inputs[:n]), list(inputs[n:])
         out = fused_scan_extension().scan_forward(iface, state, COSINE_EPS)
-        reads, states, saved = out[0], out[1:7], out[7:]
+        states, saved = out[1:1 + len(STATE_FIELDS)], out[1 + len(STATE_FIELDS):]
         ctx.save_for_backward(*iface, *states, *saved)
         final = [x[:, -1].clone() if x.numel() else x.new_empty(0) for x in states]
-        return reads, states[2][:, 1:].clone(), *final
+        write_weights = states[STATE_FIELDS.index("write_weights")][:, 1:].clone()
+        return out[0], write_weights, *final
 
     @staticmethod
     def backward(ctx, grad_reads, grad_write_weights, *grad_final):
-        saved = ctx.saved_tensors
+        saved, n, m = ctx.saved_tensors, len(IFACE_FIELDS), len(IFACE_FIELDS) + len(STATE_FIELDS)
         return tuple(fused_scan_extension().scan_backward(
-            list(saved[:10]), list(saved[10:16]), list(saved[16:]), grad_reads,
+            list(saved[:n]), list(saved[n:m]), list(saved[m:]), grad_reads,
             grad_write_weights, list(grad_final), COSINE_EPS))
 
 
 def fused_scan(state, iface):
-    """The loop of dnc_step over all tokens of iface in one call: reads (B, T, R, W), write
-    weights (B, T, N) and the final state, equal to the eager loop's."""
-    empty = iface.write_key.new_empty(0)
-    gates = (iface.write_strength, iface.allocation_gate, iface.write_gate)
-    b_w, g_a, g_w = (x[..., 0] for x in gates)
-    inputs = [iface.write_key, b_w, iface.erase_vector, iface.write_vector, iface.free_gates,
-              g_a, g_w, iface.read_keys, iface.read_strengths, iface.read_modes]
-    inputs += list(state)
-    reads, write_weights, *final = FusedScan.apply(
-        *(empty if x is None else x for x in inputs))
-    final = [None if old is None else new for old, new in zip(state, final)]
-    return reads, write_weights, DNCState(*final)
+    return run_scan(FusedScan, state, iface)
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# Memory module: the interface from the controller's output, and the loop over tokens
+# ══════════════════════════════════════════════════════════════════════════════════════════
 
 
 def earlier_tokens(h, k):

@@ -150,7 +150,7 @@ PRESETS = {
                    recall_distances="64,256", curriculum_steps=2000,
                    recall_test_distances="64,128,256,384,512",
                    # two facts with one asked, which only binding answers (B1, P5), anywhere in
-                   # their segments (R1-R3, P7); before binding_from, one fact in a fixed layout
+                   # their segments (RS1-RS3, P7); before binding_from, one fact in a fixed layout
                    # and an interface of one token, where the lookup starts as storage (E27,
                    # E28, P11, Y1)
                    recall_queries=1, recall_shift=True, binding_from=1501,

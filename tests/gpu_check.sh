@@ -77,9 +77,9 @@ for links in (False, True):
     model = D.build_model(cfg, True).eval()
     h = torch.randn(2, 24, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = model.memory.scan(h)  # the CPU, fp32
-        ref64 = model.double().memory.scan(h.double())
-        got = model.float().to(device).memory.scan(h.to(device))
+        ref = model.memory(h)  # the CPU, fp32
+        ref64 = model.double().memory(h.double())
+        got = model.float().to(device).memory(h.to(device))
         out = model(torch.randint(0, cfg.vocab_size, (2, 24), device=device))
     for name, a, b, c in zip(("reads", "write_gate", "write_weights"), ref, got, ref64):
         err, err64 = (((a - x.cpu().float()).norm() / a.norm()).item() for x in (b, c))

@@ -33,18 +33,18 @@ def recording_wrap(model, cfg, device):
     return runner
 
 
-def checked_train_model(cfg, use_dnc, train_windows, valid_ids, *args):
-    model, history = train_model(cfg, use_dnc, train_windows, valid_ids, *args)
+def checked_train_model(cfg, use_dnc, task, *args):
+    model, history = train_model(cfg, use_dnc, task, *args)
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     copies = [flat]
     if dnc_gpt2.distributed():
         copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
         dist.all_gather(copies, flat)
-    sharded = dnc_gpt2.evaluate(model, dnc_gpt2.eval_batches(valid_ids, cfg.seq_len, cfg.batch_size))
+    sharded = dnc_gpt2.evaluate(model, dnc_gpt2.eval_batches(task.valid, cfg.seq_len, cfg.batch_size))
     whole = dnc_gpt2.MetricSums()
     model.eval()
     with torch.no_grad():
-        for batch in dnc_gpt2.eval_batches(valid_ids, cfg.seq_len, cfg.batch_size):
+        for batch in dnc_gpt2.eval_batches(task.valid, cfg.seq_len, cfg.batch_size):
             whole.add_batch(model(batch[:, :-1]), batch[:, 1:])
     if dnc_gpt2.is_main_process():
         record = {"param_max_diff": max((c - copies[0]).abs().max().item() for c in copies),

@@ -37,16 +37,6 @@ RUN_TIMEOUT = 300  # seconds; generous, the 2 cores are shared with other suites
 # ── fixtures and helpers ────────────────────────────────────────────────────────────────────
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On 2 shared cores, OpenMP threads waiting on each other make a tiny run several times
-    # slower; one thread here and in every subprocess also keeps all runs numerically alike.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The generated corpus cut short (valid and test ~1.5k characters): cheap to tokenize and
@@ -91,6 +81,7 @@ def spawn():
 
     def start(args, log_path):
         # Output goes to a file, not a pipe: a pipe nobody reads would stall the run when full.
+        # One thread, as in this process (conftest.py): the runs stay numerically alike.
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "dnc_gpt2.py", *args], cwd=MAIN_DIR,
                                     stdout=log, stderr=subprocess.STDOUT,
@@ -304,6 +295,12 @@ def other_config(path, reference, marker):
     shutil.copy(reference / "ckpt" / "GPT2_Baseline_step3.pt", path)
 
 
+def removed_option(path, reference, marker):
+    ckpt = load(reference / "ckpt" / "GPT2_Baseline_FINAL_step8.pt")
+    ckpt["config"]["lambda_write"] = 0.1  # an option of the code before the cleanup
+    torch.save(ckpt, path)
+
+
 def baseline_step6_and_text_file(path, reference, marker):
     # The baseline resumes from step 6 (two steps left, cheap) before the DNC's file is read.
     shutil.copy(reference / "ckpt" / "GPT2_Baseline_step6.pt", path.parent)
@@ -316,10 +313,15 @@ def baseline_step6_and_text_file(path, reference, marker):
     ("GPT2_Baseline_step3.pt", text_file, [], "not a loadable checkpoint"),
     ("GPT2_Baseline_step3.pt", missing_fields, [], "missing fields"),
     ("GPT2_Baseline_step3.pt", other_config, ["--mem_slots=16"], "mem_slots"),
+    ("GPT2_Baseline_FINAL_step8.pt", removed_option, [],
+     "made with --lambda_write=0.1, options since removed; run it with the code of git tag "
+     "options-before-cleanup"),
+    ("GPT2_Baseline_FINAL_step8.pt", removed_option, ["--eval_only=true"],
+     "options-before-cleanup"),
     # a bad DNC checkpoint must stop the run before the baseline trains on
     ("GPT2_+_DNC_step3.pt", baseline_step6_and_text_file, [], "not a loadable checkpoint"),
 ], ids=["malicious_pickle", "truncated", "text_file", "missing_fields", "other_config",
-        "bad_dnc_checkpoint"])
+        "removed_option", "removed_option_eval_only", "bad_dnc_checkpoint"])
 def test_bad_checkpoint_is_refused_untouched(reference, args_for, tmp_path, capsys, filename,
                                              make, extra, named):
     (tmp_path / "ckpt").mkdir()
@@ -351,8 +353,8 @@ def poison_loss(monkeypatch, at_call):
     """compute_loss returns NaN (still differentiable) on its at_call-th call."""
     real_compute_loss, calls = D.compute_loss, []
 
-    def poisoned(out, targets, cfg):
-        loss, parts = real_compute_loss(out, targets, cfg)
+    def poisoned(out, targets, cfg, use_dnc):
+        loss, parts = real_compute_loss(out, targets, cfg, use_dnc)
         calls.append(1)
         return (loss * math.nan if len(calls) == at_call else loss), parts
 
@@ -395,23 +397,132 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(reference, args_for, 
     assert_same_weights(ckpt_dir / saved[-1], reference / "ckpt" / saved[-1])
 
 
+def test_kept_checkpoints_resume_from_the_newest_and_finish_as_the_uninterrupted_run(
+        reference, args_for, tmp_path, capsys, monkeypatch):
+    """keep_checkpoints=2 with a save every 2 steps: after each save only the newest two
+    periodic checkpoints of that model remain, and its FINAL one. A run stopped by a NaN at
+    the DNC's step 5 resumes from its newest (step 4) and ends with the reference's weights and
+    train rows (validation comes every 2 steps here, every 3 there)."""
+    keep = ["--save_every_steps=2", "--keep_checkpoints=2"]
+    poison_loss(monkeypatch, 8 + 5)
+    assert D.main(args_for(tmp_path, *keep)) == 1
+    ckpt_dir = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted([
+        "GPT2_Baseline_step4.pt", "GPT2_Baseline_step6.pt", "GPT2_Baseline_FINAL_step8.pt",
+        "GPT2_+_DNC_step2.pt", "GPT2_+_DNC_step4.pt"])
+    capsys.readouterr()
+    assert D.main(args_for(tmp_path, *keep, "--resume=true")) == 0
+    assert (f"GPT2 + DNC: resumed from {ckpt_dir / 'GPT2_+_DNC_step4.pt'} at step 4"
+            in capsys.readouterr().out)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted([
+        "GPT2_Baseline_step4.pt", "GPT2_Baseline_step6.pt", "GPT2_Baseline_FINAL_step8.pt",
+        "GPT2_+_DNC_step4.pt", "GPT2_+_DNC_step6.pt", "GPT2_+_DNC_FINAL_step8.pt"])
+    ours = json.loads((tmp_path / "plots" / "history.json").read_text())["histories"]
+    theirs = json.loads((reference / "plots" / "history.json").read_text())["histories"]
+    for name in D.MODEL_NAMES:
+        assert_close(ours[name]["train"], theirs[name]["train"], name)
+    for name in FINALS:
+        assert_same_weights(ckpt_dir / name, reference / "ckpt" / name)
+
+
+@pytest.mark.parametrize("keep", [2, 0])
+def test_keep_checkpoints_deletes_older_periodic_checkpoints_of_that_model_only(tmp_path, keep):
+    """Periodic saves at steps 2 to 8 with a FINAL one at 5 between them (a finished run
+    resumed for more steps): K keeps the newest K periodic ones, every FINAL one and the
+    other model's; 0 keeps every one."""
+    cfg = D.Config(hidden_size=8, num_layers=1, num_heads=2, vocab_size=11, mem_slots=4,
+                   mem_width=4, num_reads=1, save_dir=str(tmp_path), keep_checkpoints=keep)
+    model = D.build_model(cfg, use_dnc=False)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    history = {"train": [], "val": []}
+    for name, step, final in [("GPT2 Baseline", 2, False), ("GPT2 + DNC", 2, False),
+                              ("GPT2 + DNC", 4, False), ("GPT2 + DNC", 5, True),
+                              ("GPT2 + DNC", 6, False), ("GPT2 + DNC", 8, False)]:
+        D.save_checkpoint(cfg, name, model, optimizer, scaler, step, 100, history, D.TrainLog(),
+                          "test data", torch.device("cpu"), None, final)
+    dnc = ["GPT2_+_DNC_step2.pt", "GPT2_+_DNC_step4.pt", "GPT2_+_DNC_FINAL_step5.pt",
+           "GPT2_+_DNC_step6.pt", "GPT2_+_DNC_step8.pt"]
+    kept = dnc if keep == 0 else dnc[2:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["GPT2_Baseline_step2.pt", *kept])
+
+
 def test_training_error_starts_its_own_line(args_for, tmp_path, capsys, monkeypatch):
     poison_loss(monkeypatch, 1)
     assert D.main(args_for(tmp_path)) == 1
     assert any(line.startswith("error:") for line in capsys.readouterr().err.splitlines())
 
 
+def saved_config(path, config):
+    """A checkpoint file that holds `config` (a dict, as saved) and nothing else of use."""
+    torch.save({"model_state_dict": {}, "optimizer_state_dict": {}, "global_step": 1,
+                "config": config, "history": {}}, path)
+    return path
+
+
 def test_a_checkpoint_older_than_a_field_resumes_at_that_fields_default(tmp_path):
     cfg = D.Config()
     older = dataclasses.asdict(cfg)
-    del older["lambda_write"]  # made before the field existed
-    path = tmp_path / "GPT2_Baseline_step1.pt"
-    torch.save({"model_state_dict": {}, "optimizer_state_dict": {}, "global_step": 1,
-                "config": older, "history": {}}, path)
+    del older["interface_context"]  # made before the field existed
+    path = saved_config(tmp_path / "GPT2_Baseline_step1.pt", older)
     assert D.load_checkpoint(path, cfg, None)["global_step"] == 1
-    with pytest.raises(D.ConfigError, match="made with lambda_write=0.0, this run has "
-                                            "lambda_write=0.5"):
-        D.load_checkpoint(path, dataclasses.replace(cfg, lambda_write=0.5), None)
+    with pytest.raises(D.ConfigError, match="made with interface_context=1, this run has "
+                                            "interface_context=3"):
+        D.load_checkpoint(path, dataclasses.replace(cfg, interface_context=3), None)
+
+
+# the code before the cleanup: the removed options and the three steps binding_from replaced
+BEFORE_CLEANUP = {**D.REMOVED_OPTIONS, "recall_facts_from": 0, "recall_shift_from": 0,
+                  "interface_context_from": 0}
+RECALL = dict(dataset="recall", recall_facts=2, recall_shift=True, interface_context=10)
+
+
+def before_cleanup(cfg, **old):
+    """cfg as the code of the tag saved it: no binding_from, its own options at `old`."""
+    made = {**dataclasses.asdict(cfg), **BEFORE_CLEANUP, **old}
+    del made["binding_from"]
+    return made
+
+
+@pytest.mark.parametrize("recall, steps", [
+    (RECALL, dict(recall_facts_from=1501, recall_shift_from=1501, interface_context_from=1501)),
+    # the preset before Y1: an interface of one token, its step at 0 (Results: Y1)
+    ({**RECALL, "interface_context": 1}, dict(recall_facts_from=1501, recall_shift_from=1501)),
+    # a step whose feature is off never mattered: one fact needs no binding, nor is shifted
+    ({**RECALL, "recall_facts": 1, "recall_shift": False},
+     dict(recall_facts_from=7, recall_shift_from=0, interface_context_from=1501)),
+], ids=["recall_preset", "one_token_interface", "features_off"])
+def test_a_checkpoint_whose_binding_steps_agree_loads_as_binding_from(tmp_path, recall, steps):
+    cfg = D.Config(**recall, binding_from=1501)
+    path = saved_config(tmp_path / "GPT2_+_DNC_step1.pt", before_cleanup(cfg, **steps))
+    assert D.load_checkpoint(path, cfg, None)["global_step"] == 1
+    with pytest.raises(D.ConfigError, match="made with binding_from=1501, this run has "
+                                            "binding_from=0"):
+        D.load_checkpoint(path, dataclasses.replace(cfg, binding_from=0), None)
+
+
+@pytest.mark.parametrize("old", [
+    dict(lambda_write=0.1), dict(routing_stride=4), dict(query_opens_segment=True),
+    dict(recall_facts_from=1501, recall_shift_from=1000, interface_context_from=1501)])
+def test_a_checkpoint_of_a_removed_option_is_refused_naming_the_tag(tmp_path, old):
+    cfg = D.Config(**RECALL)
+    path = saved_config(tmp_path / "GPT2_+_DNC_step1.pt", before_cleanup(cfg, **old))
+    with pytest.raises(D.ConfigError) as error:
+        D.load_checkpoint(path, cfg, None)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and str(path) in message
+    assert f"git tag {D.REMOVED_TAG}" in message and D.REMOVED_TAG == "options-before-cleanup"
+    for name, value in old.items():
+        assert f"--{name}={value}" in message
+
+
+def test_a_checkpoint_made_before_the_removed_options_existed_still_loads(tmp_path):
+    cfg = D.Config()
+    older = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in ("binding_from", "keep_checkpoints")}
+    assert not set(older) & set(BEFORE_CLEANUP)
+    path = saved_config(tmp_path / "GPT2_Baseline_step1.pt", older)
+    assert D.load_checkpoint(path, cfg, None)["global_step"] == 1
 
 
 def test_every_field_that_differs_is_named_in_the_one_error(tmp_path):

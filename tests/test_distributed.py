@@ -93,13 +93,13 @@ def test_sharded_validation_equals_one_process_evaluating_everything(runs):
             assert check["sharded"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
-def test_ddp_trains_with_the_earlier_tokens_out_until_interface_context_from(tmp_path):
-    """Before interface_context_from the earlier tokens' weights are not in the graph, which
-    DDP refuses unless told to look for unused parameters; it must train through the switch,
-    the ranks ending equal."""
+def test_ddp_trains_with_the_earlier_tokens_out_until_binding_from(tmp_path):
+    """Before binding_from the earlier tokens' weights are not in the graph, which DDP refuses
+    unless told to look for unused parameters; it must train through the switch, the ranks
+    ending equal."""
     write_data(tmp_path / "data")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2"]
     out, _ = run(tmp_path, "ddp", torchrun, ["--interface_context=3",
-                                            "--interface_context_from=4"])
+                                            "--binding_from=4"])
     assert json.loads((out / "check-1.json").read_text())["param_max_diff"] == 0

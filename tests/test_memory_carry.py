@@ -63,7 +63,7 @@ def test_a_fact_in_segment_one_changes_the_reads_in_segment_three(links, kernel)
         with torch.no_grad():
             for seg in segments(stream, cfg)[:3]:
                 h = model.transformer(input_ids=seg[:, :-1]).last_hidden_state
-                r, _, _, state = model.memory.scan(h, state)
+                r, _, _, state = model.memory(h, state)
         reads.append(r)
     # segment 3 never sees the changed token through attention: only the carried memory can
     assert (reads[0][0] - reads[1][0]).abs().max() > 1e-6
@@ -90,7 +90,8 @@ def third_segment_logits(ids, cfg, path):
     batches = segments(ids, cfg)[:3]
     if path == "train_step":
         D.train_step(runner, model, torch.optim.SGD(model.parameters(), lr=0.0),
-                     torch.amp.GradScaler("cpu", enabled=False), batches, cfg, D.StopFlag(),
+                     torch.amp.GradScaler("cpu", enabled=False),
+                     D.StepData(batches, [None] * len(batches), True), cfg, D.StopFlag(),
                      torch.device("cpu"))
     else:
         D.evaluate(runner, batches, carry=cfg.carry_memory)
@@ -136,25 +137,25 @@ def test_training_steps_carry_the_state_and_detach_at_the_boundary(record_interf
     model = D.build_model(cfg, True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    units = D.training_units(torch.randint(0, 97, (200,), generator=torch.Generator()
-                                           .manual_seed(0)), cfg)
-    steps = D.steps_in_epoch(units, cfg)
-    batches = D.micro_batches(units, cfg, 1, steps)
+    ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(0))
+    task = D.WikiTextTask(cfg, {"train": ids, "valid": ids, "test": ids}, "test")
+    batches, scored = task.step_batches(1)
     assert len(batches) == 2 and torch.equal(batches[0][:, -1], batches[1][:, 0])
     with torch.no_grad():  # the expected loss: segment 2 starts from segment 1's final state
         first = model(batches[0][:, :-1])
         second = model(batches[1][:, :-1], memory_state=first.memory_state)
-        expected = [D.compute_loss(o, b[:, 1:], cfg)[1]["lm"]
+        expected = [D.compute_loss(o, b[:, 1:], cfg, True)[1]["lm"]
                     for o, b in ((first, batches[0]), (second, batches[1]))]
     interfaces = record_interfaces(model)
     # segment 1's own loss, with its weight in the step (half: both segments have 16 targets):
     # what segment 1's interface would get if the state were detached between the segments
-    own = D.compute_loss(model(batches[0][:, :-1]), batches[0][:, 1:], cfg)[0] / 2
+    own = D.compute_loss(model(batches[0][:, :-1]), batches[0][:, 1:], cfg, True)[0] / 2
     fields = [f for f in D.DNCInterface._fields if getattr(interfaces[0], f) is not None]
     own_grads = torch.autograd.grad(own, [getattr(interfaces[0], f) for f in fields])
     interfaces.clear()
 
-    sums, _, state = D.train_step(model, model, optimizer, scaler, batches, cfg, D.StopFlag(),
+    sums, _, state = D.train_step(model, model, optimizer, scaler,
+                                  D.StepData(batches, scored, True), cfg, D.StopFlag(),
                                   torch.device("cpu"))
     assert sums["lm"] / sums["tokens"] == pytest.approx(sum(expected) / 2, rel=1e-6)
     assert not state.memory.requires_grad  # detached at the step boundary
@@ -167,7 +168,7 @@ def test_training_steps_carry_the_state_and_detach_at_the_boundary(record_interf
         assert (got - own_grad).abs().max() > 1e-3 * own_grad.abs().max(), field
     step_one = {f: getattr(interfaces[0], f).grad.clone() for f in fields}
     # across the step boundary, none: step 2's backward leaves step 1's gradients as they were
-    D.train_step(model, model, optimizer, scaler, D.micro_batches(units, cfg, 2, steps), cfg,
+    D.train_step(model, model, optimizer, scaler, D.StepData(*task.step_batches(2), True), cfg,
                  D.StopFlag(), torch.device("cpu"), state)
     assert len(interfaces) == 4 and interfaces[2].write_vector.grad.abs().max() > 0
     for field in fields:
@@ -217,8 +218,7 @@ def test_recall_preset_end_to_end_reports_accuracy_per_distance(tmp_path, monkey
     assert D.main(args) == 0
     report = json.loads((tmp_path / "plots" / "recall.json").read_text())["distances"]
     cfg = D.config_from_args(args)
-    task = D.recall_task(cfg, D.load_tokenizer())
-    test = task.split("test", [20, 70])
+    test = D.recall_generator(cfg, D.load_tokenizer()).split("test", [20, 70])
     assert set(report) == {"20", "70"}
     for name, model in D.final_models(cfg, torch.device("cpu")).items():
         for distance, episodes in test.items():

@@ -14,7 +14,13 @@ PAIRED = dict(hidden_size=32, num_layers=2, num_heads=2, mem_slots=8, mem_width=
               grad_clip=0.5, zero_read_proj=True, lambda_routing=0.0, lambda_entropy=0.0)
 
 
-def train_paired(cfg, use_dnc, units, steps):
+def random_task(cfg):
+    """A WikiTextTask on 600 random tokens (valid and test: the first 200 of them)."""
+    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
+    return D.WikiTextTask(cfg, {"train": ids, "valid": ids[:200], "test": ids[:200]}, "test")
+
+
+def train_paired(cfg, use_dnc, task, steps):
     """k optimizer steps of train_step on the batches train_model would give them, with
     train_model's dropout seed; the DNC model's read projection frozen at zero."""
     model = D.build_model(cfg, use_dnc).train()
@@ -23,11 +29,10 @@ def train_paired(cfg, use_dnc, units, steps):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(cfg.seed)
-    per_epoch = D.steps_in_epoch(units, cfg)
     norms = []
     for step in range(1, steps + 1):
-        batches = D.micro_batches(units, cfg, step, per_epoch)
-        _, norm, _ = D.train_step(model, model, optimizer, scaler, batches, cfg, D.StopFlag(),
+        data = D.StepData(*task.step_batches(step), D.binding(cfg, step))
+        _, norm, _ = D.train_step(model, model, optimizer, scaler, data, cfg, D.StopFlag(),
                                   torch.device("cpu"))
         norms.append(norm)
     return model, norms
@@ -40,9 +45,8 @@ def test_with_the_read_path_frozen_at_zero_gpt2_trains_exactly_as_the_baseline()
     path consumes no random numbers of its own; so after k steps on the same batches the
     two GPT-2s must be equal bit for bit."""
     cfg = D.Config(**PAIRED)
-    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
-    units = D.training_units(ids, cfg)
-    (base, base_norms), (dnc, dnc_norms) = (train_paired(cfg, use_dnc, units, 3)
+    task = random_task(cfg)
+    (base, base_norms), (dnc, dnc_norms) = (train_paired(cfg, use_dnc, task, 3)
                                             for use_dnc in (False, True))
     assert base_norms == dnc_norms and min(base_norms) > cfg.grad_clip  # clipping was active
     assert dnc.read_proj.weight.abs().max() == 0 and dnc.read_proj.bias.abs().max() == 0
@@ -51,7 +55,7 @@ def test_with_the_read_path_frozen_at_zero_gpt2_trains_exactly_as_the_baseline()
         assert torch.equal(dnc.transformer.state_dict()[name], value), name
     assert not torch.equal(base.transformer.wte.weight, start["wte.weight"])  # it did train
     # the control: dropout is live, so the equality above depends on the masks being shared
-    x = units[:2, :-1]
+    x = task.units[:2, :-1]
     assert not torch.equal(base(x).logits, base(x).logits)
 
 
@@ -70,15 +74,13 @@ def test_learning_rate_is_constant_then_a_half_cosine_down_to_min_lr():
 
 def train_model_watching(cfg, use_dnc, watch):
     """train_model on random tokens; watch(optimizer) just before each AdamW step, as a list."""
-    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
-    units, valid = D.training_units(ids, cfg), ids[:200]
     seen = []
     hook = register_optimizer_step_pre_hook(
         lambda optimizer, args, kwargs: seen.append(watch(optimizer)))
     try:
         with tempfile.TemporaryDirectory() as root:
-            D.train_model(dataclasses.replace(cfg, save_dir=root), use_dnc, units, valid,
-                          torch.device("cpu"), "test", D.StopFlag())
+            run = dataclasses.replace(cfg, save_dir=root)
+            D.train_model(run, use_dnc, random_task(run), torch.device("cpu"), D.StopFlag())
     finally:
         hook.remove()
     return seen
@@ -93,23 +95,12 @@ def test_every_optimizer_step_of_train_model_takes_the_scheduled_rate():
     assert used[0] == cfg.lr and used[-1] == cfg.min_lr
 
 
-def test_train_model_reads_along_the_links_from_temporal_links_from(monkeypatch):
-    """set_link_reads runs at every step of train_model: seen from inside the optimizer, the
-    memory followed the links on steps 3 and 4 only."""
+def test_train_model_keeps_the_earlier_tokens_out_until_binding_from(monkeypatch):
+    """train_model gives each step its binding context: seen from inside the optimizer, the
+    earlier tokens' weights have no gradient on steps 1 and 2, and one on steps 3 and 4; they
+    stay at their zero start until step 3 updates them."""
     cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 4, "save_every_steps": 100,
-                      "temporal_links": True, "temporal_links_from": 3})
-    built, build = [], D.build_model
-    monkeypatch.setattr(D, "build_model", lambda *args: built.append(build(*args)) or built[-1])
-    followed = train_model_watching(cfg, True, lambda optimizer: built[0].memory.follow_links)
-    assert followed == [False, False, True, True]
-
-
-def test_train_model_keeps_the_earlier_tokens_out_until_interface_context_from(monkeypatch):
-    """set_interface_context runs at every step of train_model: seen from inside the
-    optimizer, the earlier tokens' weights have no gradient on steps 1 and 2, and one on steps
-    3 and 4; they stay at their zero start until step 3 updates them."""
-    cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 4, "save_every_steps": 100,
-                      "interface_context": 3, "interface_context_from": 3})
+                      "interface_context": 3, "binding_from": 3})
     built, build = [], D.build_model
     monkeypatch.setattr(D, "build_model", lambda *args: built.append(build(*args)) or built[-1])
 
@@ -121,20 +112,17 @@ def test_train_model_keeps_the_earlier_tokens_out_until_interface_context_from(m
                                                         (True, True), (True, False)]
 
 
-def test_runs_resumed_across_interface_context_from_end_as_an_uninterrupted_one(tmp_path):
+def test_runs_resumed_across_binding_from_end_as_an_uninterrupted_one(tmp_path):
     """A checkpoint saved before the switch holds no optimizer state for the earlier tokens'
     weights; resumed from it, the run gives them their fresh state at the switch, as the
     uninterrupted run does. Resumed after the switch, it reads them at once. Either way the
     final weights are equal bit for bit."""
     cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 5, "save_every_steps": 2,
-                      "interface_context": 3, "interface_context_from": 4, "dropout": 0.0})
-    ids = torch.randint(0, cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
-    units, valid = D.training_units(ids, cfg), ids[:200]
+                      "interface_context": 3, "binding_from": 4, "dropout": 0.0})
 
     def train(root, max_steps):
         run = dataclasses.replace(cfg, save_dir=str(root), max_steps=max_steps, resume=True)
-        return D.train_model(run, True, units, valid, torch.device("cpu"), "test",
-                             D.StopFlag())[0]
+        return D.train_model(run, True, random_task(run), torch.device("cpu"), D.StopFlag())[0]
 
     whole = train(tmp_path / "whole", 5)
     train(tmp_path / "split", 2)

@@ -41,6 +41,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # the scan's GPU kernels; without Triton the C++ scan and the eager loop remain
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # Config
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -213,10 +219,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "earlier tokens start at zero, so k > 1 starts as k = 1 exactly; the `lookup` preset "
         "sets 10 (Results: X1-X3, P11, Y1, W4)"),
     "dnc_kernel": (
-        "auto: the DNC loop over tokens as one fused C++ operation with a hand-written "
-        "backward, built on first use, where it can be built and the model is on the CPU, "
-        "else the eager loop with one line saying so; fused: the C++ scan or an error; eager: "
-        "one `dnc_step` per token under autograd, the reference"),
+        "auto: the DNC loop over tokens as one fused operation with a hand-written backward: "
+        "Triton kernels on a CUDA GPU, a C++ operation (built on first use) on the CPU, else "
+        "the eager loop with one line saying why; triton or fused: that scan or an error; "
+        "eager: one `dnc_step` per token under autograd, the reference"),
     "epochs": "used when max_steps = 0",
     "max_steps": "> 0 overrides epochs",
     "batch_size": "sequences per step",
@@ -628,13 +634,14 @@ def validate_config(cfg):
             raise ConfigError(f"--{name}: {problem}")
     if resolve_device(cfg).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={cfg.device}: no CUDA GPU on this machine; use --device=cpu")
-    if cfg.dnc_kernel not in ("auto", "fused", "eager"):
-        raise ConfigError(f"--dnc_kernel={cfg.dnc_kernel}: use auto, fused or eager")
-    if cfg.dnc_kernel == "fused":
-        if resolve_device(cfg).type != "cpu":
-            raise ConfigError("--dnc_kernel=fused: the fused scan runs on the CPU only; use "
-                              "--dnc_kernel=auto or eager on a GPU")
-        scan_route("fused", "cpu")  # builds it now, so that a failed build stops here
+    if cfg.dnc_kernel not in ("auto", "fused", "triton", "eager"):
+        raise ConfigError(f"--dnc_kernel={cfg.dnc_kernel}: use auto, fused, triton or eager")
+    needs = {"fused": "cpu", "triton": "cuda"}.get(cfg.dnc_kernel)
+    if needs:
+        if resolve_device(cfg).type != needs:
+            raise ConfigError(f"--dnc_kernel={cfg.dnc_kernel}: that scan runs on {needs} "
+                              f"tensors only; use --dnc_kernel=auto or eager on this device")
+        scan_route(cfg.dnc_kernel, needs)  # builds or imports it now: a failure stops here
     if cfg.precision in ("bf16", "fp16") and resolve_device(cfg).type != "cuda":
         raise ConfigError(f"--precision={cfg.precision}: mixed precision is for CUDA GPUs; this "
                           f"run is on the CPU, use --precision=auto or fp32")
@@ -1588,20 +1595,36 @@ def fused_scan_extension():
     return _FUSED_SCAN["module"]
 
 
-def scan_route(kernel, device_type):
-    """dnc_kernel resolved for tensors on device_type: "fused" or "eager"."""
-    if kernel == "eager" or device_type != "cpu":  # validate_config refuses fused on a GPU
-        return "eager"
+TRITON_INSTALL = "pip install triton (Linux; the CUDA torch wheel brings its own)"
+
+
+def scan_unavailable(route):
+    """Why the fused scan `route` cannot run here, or None when it can."""
+    if route == "triton":
+        return None if triton is not None else f"Triton is not installed: {TRITON_INSTALL}"
     module = fused_scan_extension()
-    if not isinstance(module, str):
-        return "fused"
-    if kernel == "fused":
-        raise ConfigError(f"--dnc_kernel=fused: the C++ scan could not be built ({module}); "
-                          "install g++ and ninja (requirements.txt), or use --dnc_kernel=eager")
+    return module if isinstance(module, str) else None
+
+
+def scan_route(kernel, device_type):
+    """dnc_kernel resolved for tensors on device_type: "triton", "fused" or "eager".
+
+    auto: Triton on CUDA tensors, the C++ scan on CPU tensors, else the eager loop with one
+    line saying why; triton and fused: that scan or an error (validate_config checks the
+    device)."""
+    wanted = {"cuda": "triton", "cpu": "fused"}.get(device_type)
+    if kernel == "eager" or wanted is None:
+        return "eager"
+    problem = scan_unavailable(wanted)
+    if problem is None:
+        return wanted
+    if kernel != "auto":
+        raise ConfigError(f"--dnc_kernel={kernel}: the scan cannot run here ({problem}); use "
+                          "--dnc_kernel=eager")
     if "warned" not in _FUSED_SCAN:
         _FUSED_SCAN["warned"] = True
-        print(f"dnc_kernel=auto: the eager DNC loop, since the fused scan could not be built "
-              f"({module})", file=sys.stderr)
+        print(f"dnc_kernel=auto: the eager DNC loop, since the {wanted} scan cannot run "
+              f"({problem})", file=sys.stderr)
     return "eager"
 
 
@@ -1630,6 +1653,555 @@ class FusedScan(torch.autograd.Function):
 
 def fused_scan(state, iface):
     return run_scan(FusedScan, state, iface)
+
+
+if triton is not None:  # else the C++ scan and the eager loop remain
+    # The Triton scan: the GPU sibling of DNC_SCAN_CPP, the same loop of dnc_step over T tokens with
+    # a hand-written backward, one program per batch row. The forward keeps one row's state in
+    # registers and saves it every TRITON_SCAN_CHUNK tokens; the backward walks the chunks from the
+    # last, recomputes each chunk's states from its checkpoint into a per-row scratch buffer, then
+    # back-propagates through the chunk token by token, the gradients of the memory and links in
+    # scratch too. Saved state is O(B T/C N (W + N)), not O(B T N (W + N)) as in the C++ scan.
+    # Any N, W and R: blocks are padded to powers of two and masked; padding slots hold zeros and
+    # sort after every real slot. Offsets are 64-bit from the row index on. fp32 only.
+
+    TRITON_SCAN_CHUNK = 16  # C: tokens between checkpoints (tests vary it)
+    TRITON_SCAN_WARPS = None  # warps per row (the row's state is spread over them); None: _num_warps
+
+
+    @triton.jit
+    def _times(a, b):
+        return a * b
+
+
+    @triton.jit
+    def _then(a1, b1, a2, b2):
+        # affine maps x -> a x + b: the map (a1, b1) first, then (a2, b2)
+        return a1 * a2, a2 * b1 + b2
+
+
+    @triton.jit
+    def _row(x, heads, r):
+        """Row r of a (RB, NB) block held in registers (adding zeros is exact)."""
+        return tl.sum(tl.where(heads[:, None] == r, x, 0.0), axis=0)
+
+
+    @triton.jit
+    def _precedes(u, slots, N: tl.constexpr):
+        """before[n, m]: slot m comes before slot n in torch.sort(u, stable=True), equal usages
+        in slot order; padding slots (usage key 2 > any usage) after every real slot."""
+        key = tl.where(slots < N, u, 2.0)
+        kn, km = key[:, None], key[None, :]
+        return (km < kn) | ((km == kn) & (slots[None, :] < slots[:, None]))
+
+
+    @triton.jit
+    def _content(M, mnorm, k, beta, slots, eps, N: tl.constexpr):
+        """content_weights for one key: softmax_n(beta <k, M_n> / (|k| |M_n| + eps))."""
+        kn = tl.sqrt(tl.sum(k * k, axis=0))
+        z = beta * tl.sum(M * k[None, :], axis=1) / (kn * mnorm + eps)
+        z = tl.where(slots < N, z, float("-inf"))
+        z = tl.exp(z - tl.max(z, axis=0))
+        return z / tl.sum(z, axis=0)
+
+
+    @triton.jit
+    def _content_backward(M, mnorm, k, beta, c, gc, eps):
+        """The gradient of _content: (g_k, g_beta, g_M) from c and its gradient gc."""
+        kn = tl.sqrt(tl.sum(k * k, axis=0))
+        kr = tl.sum(M * k[None, :], axis=1)
+        denom = kn * mnorm + eps
+        gz = c * (gc - tl.sum(c * gc, axis=0))  # softmax
+        gbeta = tl.sum(gz * kr / denom, axis=0)
+        gs = beta * gz
+        gdot = gs / denom
+        gdenom = -gs * kr / (denom * denom)
+        gkn = tl.sum(gdenom * mnorm, axis=0)
+        # a norm's subgradient at 0 is 0, as in torch; the inner where keeps 0/0 out of the lanes
+        scale = tl.where(mnorm > 0, gdenom * kn / tl.where(mnorm > 0, mnorm, 1.0), 0.0)
+        kscale = tl.where(kn > 0, gkn / tl.where(kn > 0, kn, 1.0), 0.0)
+        gk = tl.sum(gdot[:, None] * M, axis=0) + kscale * k
+        return gk, gbeta, gdot[:, None] * k[None, :] + scale[:, None] * M
+
+
+    @triton.jit
+    def _retention_terms(f, wr, heads, R: tl.constexpr):
+        """update_usage's 1 - f_i w^r_i per head (RB, NB; padding heads 1) and their product psi,
+        multiplied head by head in the order of the Python product."""
+        keep = 1 - f[:, None] * wr
+        psi = _row(keep, heads, 0)
+        for r in tl.static_range(1, R):
+            psi = psi * _row(keep, heads, r)
+        return keep, psi
+
+
+    @triton.jit
+    def _allocation_backward(u, g, slots, N: tl.constexpr, NB: tl.constexpr):
+        """The gradient of allocation_weights: with sorted usages s_j, P_j = prod_{i<j} s_i and
+        Q_j = sum_{k>j} g_(k) (1 - s_k) prod_{j<i<k} s_i, dL/ds_j = P_j (Q_j - g_(j)); Q comes
+        from the recurrence Q_j = g_(j+1) (1 - s_(j+1)) + s_(j+1) Q_(j+1), never dividing by a
+        usage that may be zero, run as a scan of affine maps over q = NB - 1 - j."""
+        before = _precedes(u, slots, N)
+        P = tl.reduce(tl.where(before, u[None, :], 1.0), 1, _times)
+        rank = tl.sum(before.to(tl.int32), axis=1)
+        q = tl.arange(0, NB)
+        after = rank[:, None] + q[None, :] == NB  # the slot at sorted place j + 1, j = NB - 1 - q
+        a = tl.sum(tl.where(after, u[:, None], 0.0), axis=0)
+        b = tl.sum(tl.where(after, (g * (1 - u))[:, None], 0.0), axis=0)
+        _, Q = tl.associative_scan((a, b), 0, _then)
+        Q = tl.sum(tl.where(rank[:, None] + q[None, :] == NB - 1, Q[None, :], 0.0), axis=1)
+        return P * (Q - g)
+
+
+    @triton.jit
+    def _dnc_step(x_kw, x_bw, x_e, x_v, x_f, x_ga, x_gw, x_kr, x_br, x_pi,
+                  M, u, ww, wr, L, p, eps,
+                  N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
+                  WB: tl.constexpr, RB: tl.constexpr, LINKS: tl.constexpr):
+        """dnc_step for one row: x_* point at this token's interface fields, the state is in
+        registers. Returns the new state, what the backward needs (allocation, write content,
+        read content, forward and backward weights) and the reads (RB, WB)."""
+        slots = tl.arange(0, NB)
+        cols = tl.arange(0, WB)
+        heads = tl.arange(0, RB)
+        col_ok = cols < W
+        head_ok = heads < R
+        # update_usage, from the previous step's write and read weights
+        f = tl.load(x_f + heads, mask=head_ok, other=0.0)
+        _, psi = _retention_terms(f, wr, heads, R)
+        u = (u + ww - u * ww) * psi
+        # allocation_weights: a_n = (1 - u_n) prod over the slots before n of u_m, sort-free
+        before = _precedes(u, slots, N)
+        a = tl.where(slots < N, (1 - u) * tl.reduce(tl.where(before, u[None, :], 1.0), 1, _times),
+                     0.0)
+        # content_weights of the write key on the memory before the write
+        kw = tl.load(x_kw + cols, mask=col_ok, other=0.0)
+        cw = _content(M, tl.sqrt(tl.sum(M * M, axis=1)), kw, tl.load(x_bw), slots, eps, N)
+        # write_weighting
+        ga = tl.load(x_ga)
+        ww = tl.load(x_gw) * (ga * a + (1 - ga) * cw)
+        # write_memory
+        e = tl.load(x_e + cols, mask=col_ok, other=0.0)
+        v = tl.load(x_v + cols, mask=col_ok, other=0.0)
+        M = M * (1 - ww[:, None] * e[None, :]) + ww[:, None] * v[None, :]
+        # content_weights of the read keys on the memory after the write
+        mnorm = tl.sqrt(tl.sum(M * M, axis=1))
+        cr = tl.zeros((RB, NB), tl.float32)
+        for r in tl.static_range(R):
+            kr = tl.load(x_kr + r * W + cols, mask=col_ok, other=0.0)
+            c = _content(M, mnorm, kr, tl.load(x_br + r), slots, eps, N)
+            cr = tl.where(heads[:, None] == r, c[None, :], cr)
+        if LINKS:
+            # update_links: zero diagonal
+            wi, wj = ww[:, None], ww[None, :]
+            L = tl.where(slots[:, None] != slots[None, :], (1 - wi - wj) * L + wi * p[None, :], 0.0)
+            p = (1 - tl.sum(ww, axis=0)) * p + ww
+            # directional_weights with the previous step's read weights, then the read modes
+            fw = tl.zeros((RB, NB), tl.float32)
+            bw = tl.zeros((RB, NB), tl.float32)
+            new_wr = tl.zeros((RB, NB), tl.float32)
+            for r in tl.static_range(R):
+                old = _row(wr, heads, r)
+                fw_r = tl.sum(L * old[None, :], axis=1)
+                bw_r = tl.sum(L * old[:, None], axis=0)
+                mixed = (tl.load(x_pi + 3 * r) * bw_r + tl.load(x_pi + 3 * r + 1) * _row(cr, heads, r)
+                         + tl.load(x_pi + 3 * r + 2) * fw_r)
+                here = heads[:, None] == r
+                fw = tl.where(here, fw_r[None, :], fw)
+                bw = tl.where(here, bw_r[None, :], bw)
+                new_wr = tl.where(here, mixed[None, :], new_wr)
+            wr = new_wr
+        else:
+            # without links the read weights are the content weights; fw and bw are not used
+            wr, fw, bw = cr, cr, cr
+        # read_memory
+        reads = tl.zeros((RB, WB), tl.float32)
+        for r in tl.static_range(R):
+            read = tl.sum(M * _row(wr, heads, r)[:, None], axis=0)
+            reads = tl.where(heads[:, None] == r, read[None, :], reads)
+        return M, u, ww, wr, L, p, a, cw, cr, fw, bw, reads
+
+
+    # Layout of one row's state in checkpoints and scratch (padded blocks, so no masks):
+    # M (NB, WB), u, w^w (NB), w^r (RB, NB), then with links L (NB, NB) and p (NB); STATE, its
+    # size, comes from _state_numel. Per step the backward also keeps (SAVED, _saved_numel) a, c^w
+    # (NB), c^r, and with links the forward and backward weights (RB, NB).
+    @triton.jit
+    def _store_state(at, M, u, ww, wr, L, p,
+                     NB: tl.constexpr, WB: tl.constexpr, RB: tl.constexpr, LINKS: tl.constexpr):
+        slots = tl.arange(0, NB)
+        heads = tl.arange(0, RB)
+        tl.store(at + slots[:, None] * WB + tl.arange(0, WB)[None, :], M)
+        at += NB * WB
+        tl.store(at + slots, u)
+        tl.store(at + NB + slots, ww)
+        tl.store(at + 2 * NB + heads[:, None] * NB + slots[None, :], wr)
+        if LINKS:
+            at += (2 + RB) * NB
+            tl.store(at + slots[:, None] * NB + slots[None, :], L)
+            tl.store(at + NB * NB + slots, p)
+
+
+    @triton.jit
+    def _load_state(at, NB: tl.constexpr, WB: tl.constexpr, RB: tl.constexpr, LINKS: tl.constexpr):
+        slots = tl.arange(0, NB)
+        heads = tl.arange(0, RB)
+        M = tl.load(at + slots[:, None] * WB + tl.arange(0, WB)[None, :])
+        at += NB * WB
+        u = tl.load(at + slots)
+        ww = tl.load(at + NB + slots)
+        wr = tl.load(at + 2 * NB + heads[:, None] * NB + slots[None, :])
+        if LINKS:
+            at += (2 + RB) * NB
+            L = tl.load(at + slots[:, None] * NB + slots[None, :])
+            p = tl.load(at + NB * NB + slots)
+        else:  # placeholders that no step reads
+            L = tl.zeros((1, 1), tl.float32)
+            p = tl.zeros((1,), tl.float32)
+        return M, u, ww, wr, L, p
+
+
+    @triton.jit
+    def _scan_forward_kernel(kw, bw, e, v, f, ga, gw, kr, br, pi,
+                             M0, u0, ww0, wr0, L0, p0,
+                             reads_out, ww_out, M1, u1, ww1, wr1, L1, p1,
+                             ckpt, T, C, eps,
+                             N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+                             NB: tl.constexpr, WB: tl.constexpr, RB: tl.constexpr,
+                             LINKS: tl.constexpr, STATE: tl.constexpr):
+        """Row b over all T tokens: reads (B, T, R, W), write weights (B, T, N), the final state,
+        and the state before every C-th token in ckpt (B, ceil(T / C), STATE)."""
+        b = tl.program_id(0).to(tl.int64)  # 64-bit: B T R W and B T/C N (W + N) pass 2^31
+        slots = tl.arange(0, NB)
+        cols = tl.arange(0, WB)
+        heads = tl.arange(0, RB)
+        slot_ok, col_ok, head_ok = slots < N, cols < W, heads < R
+        sw = slots[:, None] * W + cols[None, :]
+        sw_ok = slot_ok[:, None] & col_ok[None, :]
+        rn = heads[:, None] * N + slots[None, :]
+        rn_ok = head_ok[:, None] & slot_ok[None, :]
+        nn = slots[:, None] * N + slots[None, :]
+        nn_ok = slot_ok[:, None] & slot_ok[None, :]
+        M = tl.load(M0 + b * N * W + sw, mask=sw_ok, other=0.0)
+        u = tl.load(u0 + b * N + slots, mask=slot_ok, other=0.0)
+        ww = tl.load(ww0 + b * N + slots, mask=slot_ok, other=0.0)
+        wr = tl.load(wr0 + b * R * N + rn, mask=rn_ok, other=0.0)
+        if LINKS:
+            L = tl.load(L0 + b * N * N + nn, mask=nn_ok, other=0.0)
+            p = tl.load(p0 + b * N + slots, mask=slot_ok, other=0.0)
+        else:  # placeholders that no step reads
+            L = tl.zeros((1, 1), tl.float32)
+            p = tl.zeros((1,), tl.float32)
+        chunks = tl.cdiv(T, C)
+        for c in range(0, chunks):
+            _store_state(ckpt + (b * chunks + c) * STATE, M, u, ww, wr, L, p, NB, WB, RB, LINKS)
+            for t in range(c * C, tl.minimum(T, c * C + C)):
+                bt = b * T + t
+                M, u, ww, wr, L, p, _, _, _, _, _, reads = _dnc_step(
+                    kw + bt * W, bw + bt, e + bt * W, v + bt * W, f + bt * R, ga + bt, gw + bt,
+                    kr + bt * R * W, br + bt * R, pi + bt * R * 3, M, u, ww, wr, L, p, eps,
+                    N, W, R, NB, WB, RB, LINKS)
+                tl.store(reads_out + bt * R * W + heads[:, None] * W + cols[None, :], reads,
+                         mask=head_ok[:, None] & col_ok[None, :])
+                tl.store(ww_out + bt * N + slots, ww, mask=slot_ok)
+        tl.store(M1 + b * N * W + sw, M, mask=sw_ok)
+        tl.store(u1 + b * N + slots, u, mask=slot_ok)
+        tl.store(ww1 + b * N + slots, ww, mask=slot_ok)
+        tl.store(wr1 + b * R * N + rn, wr, mask=rn_ok)
+        if LINKS:
+            tl.store(L1 + b * N * N + nn, L, mask=nn_ok)
+            tl.store(p1 + b * N + slots, p, mask=slot_ok)
+
+
+    @triton.jit
+    def _dnc_step_backward(x_kw, x_bw, x_e, x_v, x_f, x_ga, x_gw, x_kr, x_br, x_pi,
+                           g_kw, g_bw, g_e, g_v, g_f, g_ga, g_gw, g_kr, g_br, g_pi,
+                           old, new, saved, g_read, g_ww_out, carry,
+                           gu, gww, gwr, gp, eps,
+                           N: tl.constexpr, W: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
+                           WB: tl.constexpr, RB: tl.constexpr, LINKS: tl.constexpr):
+        """The gradient of one _dnc_step. old, new: the states before and after it in scratch;
+        saved: its intermediates. The gradient of the new state is in gu, gww, gwr, gp and, for M
+        and L, in carry (scratch in the state layout, so that the two big matrices never stay in
+        registers across the step); returns (and leaves in carry) that of the old state, and
+        writes the gradients of this token's interface through g_*. Its loops over the heads are
+        not unrolled: one head's temporaries at a time keeps the step within the registers."""
+        slots = tl.arange(0, NB)
+        cols = tl.arange(0, WB)
+        heads = tl.arange(0, RB)
+        slot_ok, col_ok, head_ok = slots < N, cols < W, heads < R
+        sw = slots[:, None] * WB + cols[None, :]
+        nn = slots[:, None] * NB + slots[None, :]
+        U, WW, WR = NB * WB, NB * WB + NB, NB * WB + 2 * NB
+        LL = WR + RB * NB
+        nww = tl.load(new + WW + slots)
+        gww += tl.load(g_ww_out + slots, mask=slot_ok, other=0.0)
+        # carry was last written by other threads (the previous step, or the kernel's start)
+        tl.debug_barrier()
+        gM = tl.load(carry + sw)
+        nM = tl.load(new + sw)
+        # read_memory
+        for r in range(0, R):
+            g_read_r = tl.load(g_read + r * W + cols, mask=col_ok, other=0.0)
+            gwr += tl.where(heads[:, None] == r, tl.sum(nM * g_read_r[None, :], axis=1)[None, :], 0.0)
+            gM += tl.load(new + WR + r * NB + slots)[:, None] * g_read_r[None, :]
+        # content_weights of the read keys
+        nmnorm = tl.sqrt(tl.sum(nM * nM, axis=1))
+        gbr = tl.zeros((RB,), tl.float32)
+        for r in range(0, R):
+            gcr = _row(gwr, heads, r)
+            if LINKS:
+                gcr = tl.load(x_pi + 3 * r + 1) * gcr
+            gk, gbeta, dM = _content_backward(
+                nM, nmnorm, tl.load(x_kr + r * W + cols, mask=col_ok, other=0.0), tl.load(x_br + r),
+                tl.load(saved + 2 * NB + r * NB + slots), gcr, eps)
+            tl.store(g_kr + r * W + cols, gk, mask=col_ok)
+            gbr = tl.where(heads == r, gbeta, gbr)
+            gM += dM
+        tl.store(g_br + heads, gbr, mask=head_ok)
+        # write_memory: the gradient of the memory is complete here
+        oM = tl.load(old + sw)
+        e = tl.load(x_e + cols, mask=col_ok, other=0.0)
+        v = tl.load(x_v + cols, mask=col_ok, other=0.0)
+        gww += tl.sum(gM * (v[None, :] - oM * e[None, :]), axis=1)
+        tl.store(g_e + cols, -tl.sum(gM * oM * nww[:, None], axis=0), mask=col_ok)
+        tl.store(g_v + cols, tl.sum(gM * nww[:, None], axis=0), mask=col_ok)
+        gM = gM * (1 - nww[:, None] * e[None, :])
+        pwr = tl.zeros((RB, NB), tl.float32)
+        if LINKS:
+            # the read modes and directional_weights
+            gL = tl.load(carry + LL + nn)
+            nL = tl.load(new + LL + nn)
+            for r in range(0, R):
+                gwr_r = _row(gwr, heads, r)
+                tl.store(g_pi + 3 * r, tl.sum(gwr_r * tl.load(saved + (2 + 2 * RB) * NB + r * NB
+                                                               + slots), axis=0))
+                tl.store(g_pi + 3 * r + 1, tl.sum(gwr_r * tl.load(saved + 2 * NB + r * NB + slots),
+                                                  axis=0))
+                tl.store(g_pi + 3 * r + 2, tl.sum(gwr_r * tl.load(saved + (2 + RB) * NB + r * NB
+                                                                   + slots), axis=0))
+                gfw = tl.load(x_pi + 3 * r + 2) * gwr_r
+                gbw = tl.load(x_pi + 3 * r) * gwr_r
+                pwr = tl.where(heads[:, None] == r, (tl.sum(nL * gfw[:, None], axis=0)
+                                                     + tl.sum(nL * gbw[None, :], axis=1))[None, :],
+                               pwr)
+                owr_r = tl.load(old + WR + r * NB + slots)
+                gL += gfw[:, None] * owr_r[None, :] + owr_r[:, None] * gbw[None, :]
+            # update_links
+            oL = tl.load(old + LL + nn)
+            op = tl.load(old + LL + NB * NB + slots)
+            gl = tl.where(slots[:, None] != slots[None, :], gL, 0.0)
+            gww += (gp - tl.sum(gp * op, axis=0) + tl.sum(gl * (op[None, :] - oL), axis=1)
+                    - tl.sum(gl * oL, axis=0))
+            gp = (1 - tl.sum(nww, axis=0)) * gp + tl.sum(gl * nww[:, None], axis=0)
+            gL = (1 - nww[:, None] - nww[None, :]) * gl
+            tl.debug_barrier()  # every thread has loaded its part of carry before any overwrites
+            tl.store(carry + LL + nn, gL)
+        # write_weighting
+        a = tl.load(saved + slots)
+        cw = tl.load(saved + NB + slots)
+        gate = tl.load(x_gw)
+        ga = tl.load(x_ga)
+        tl.store(g_gw, tl.sum(gww * (ga * a + (1 - ga) * cw), axis=0))
+        tl.store(g_ga, tl.sum(gww * gate * (a - cw), axis=0))
+        # content_weights of the write key
+        gk, gbeta, dM = _content_backward(
+            oM, tl.sqrt(tl.sum(oM * oM, axis=1)), tl.load(x_kw + cols, mask=col_ok, other=0.0),
+            tl.load(x_bw), cw, gww * gate * (1 - ga), eps)
+        tl.store(g_kw + cols, gk, mask=col_ok)
+        tl.store(g_bw, gbeta)
+        tl.debug_barrier()  # every thread has loaded its part of carry before any overwrites
+        tl.store(carry + sw, gM + dM)
+        # allocation_weights
+        gu += _allocation_backward(tl.load(new + U + slots),
+                                   tl.where(slot_ok, gww * gate * ga, 0.0), slots, N, NB)
+        # update_usage; "others" is the product over the other heads, without dividing
+        ou = tl.load(old + U + slots)
+        oww = tl.load(old + WW + slots)
+        owr = tl.load(old + WR + heads[:, None] * NB + slots[None, :])
+        f = tl.load(x_f + heads, mask=head_ok, other=0.0)
+        keep, psi = _retention_terms(f, owr, heads, R)
+        gpsi = gu * (ou + oww - ou * oww)
+        gf = tl.zeros((RB,), tl.float32)
+        for r in range(0, R):
+            others = tl.full((NB,), 1.0, tl.float32)
+            for q in tl.static_range(R):
+                others = others * tl.where(q == r, 1.0, _row(keep, heads, q))
+            gf = tl.where(heads == r, -tl.sum(gpsi * others * _row(owr, heads, r), axis=0), gf)
+            pwr -= tl.where(heads[:, None] == r, (gpsi * others * tl.load(x_f + r))[None, :], 0.0)
+        tl.store(g_f + heads, gf, mask=head_ok)
+        return gu * psi * (1 - oww), gu * psi * (1 - ou), pwr, gp
+
+
+    @triton.jit
+    def _copy_rows(dst, dst_width, src, src_width, rows, N: tl.constexpr, BLOCK: tl.constexpr):
+        """The first `rows` rows of packed (rows, dst_width) from packed (., src_width), zero past
+        src's first N rows and src_width columns. Row by row: a whole (NB, WB) block of offsets
+        held from the kernel's start to its end would spill."""
+        cols = tl.arange(0, BLOCK)
+        for n in range(0, rows):
+            row = tl.load(src + n * src_width + cols, mask=(cols < src_width) & (n < N), other=0.0)
+            tl.store(dst + n * dst_width + cols, row, mask=cols < dst_width)
+
+
+    @triton.jit
+    def _scan_backward_kernel(kw, bw, e, v, f, ga, gw, kr, br, pi,
+                              g_kw, g_bw, g_e, g_v, g_f, g_ga, g_gw, g_kr, g_br, g_pi,
+                              g_reads, g_ww_out, gM1, gu1, gww1, gwr1, gL1, gp1,
+                              gM0, gu0, gww0, gwr0, gL0, gp0,
+                              ckpt, states, saved, carry, T, C, eps,
+                              N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+                              NB: tl.constexpr, WB: tl.constexpr, RB: tl.constexpr,
+                              LINKS: tl.constexpr, STATE: tl.constexpr, SAVED: tl.constexpr):
+        """Row b from the last token to the first: the gradients of the interface (g_*, shaped as
+        the inputs) and of the initial state (g*0), from those of the reads, the write weights
+        and the final state (g*1). Scratch: states (B, C + 1, STATE) and saved (B, C, SAVED) for
+        one chunk's recomputed forward; carry (B, STATE) for the gradients of M and L."""
+        b = tl.program_id(0).to(tl.int64)
+        slots = tl.arange(0, NB)
+        heads = tl.arange(0, RB)
+        slot_ok, head_ok = slots < N, heads < R
+        rn = heads[:, None] * N + slots[None, :]
+        rn_ok = head_ok[:, None] & slot_ok[None, :]
+        rn_pad = heads[:, None] * NB + slots[None, :]
+        LL = NB * WB + 2 * NB + RB * NB
+        carry += b * STATE
+        _copy_rows(carry, WB, gM1 + b * N * W, W, NB, N, WB)
+        gu = tl.load(gu1 + b * N + slots, mask=slot_ok, other=0.0)
+        gww = tl.load(gww1 + b * N + slots, mask=slot_ok, other=0.0)
+        gwr = tl.load(gwr1 + b * R * N + rn, mask=rn_ok, other=0.0)
+        if LINKS:
+            _copy_rows(carry + LL, NB, gL1 + b * N * N, N, NB, N, NB)
+            gp = tl.load(gp1 + b * N + slots, mask=slot_ok, other=0.0)
+        else:  # a placeholder that no step reads
+            gp = tl.zeros((1,), tl.float32)
+        chunks = tl.cdiv(T, C)
+        row_states = states + b * (C + 1) * STATE
+        row_saved = saved + b * C * SAVED
+        for done in range(0, chunks):
+            c = chunks - 1 - done
+            steps = tl.minimum(T - c * C, C)
+            # the previous chunk's backward has read the scratch that this chunk overwrites
+            tl.debug_barrier()
+            M, u, ww, wr, L, p = _load_state(ckpt + (b * chunks + c) * STATE, NB, WB, RB, LINKS)
+            _store_state(row_states, M, u, ww, wr, L, p, NB, WB, RB, LINKS)
+            for s in range(0, steps):
+                bt = b * T + c * C + s
+                M, u, ww, wr, L, p, a, cw, cr, fwd, back, _ = _dnc_step(
+                    kw + bt * W, bw + bt, e + bt * W, v + bt * W, f + bt * R, ga + bt, gw + bt,
+                    kr + bt * R * W, br + bt * R, pi + bt * R * 3, M, u, ww, wr, L, p, eps,
+                    N, W, R, NB, WB, RB, LINKS)
+                _store_state(row_states + (s + 1) * STATE, M, u, ww, wr, L, p, NB, WB, RB, LINKS)
+                at = row_saved + s * SAVED
+                tl.store(at + slots, a)
+                tl.store(at + NB + slots, cw)
+                tl.store(at + 2 * NB + rn_pad, cr)
+                if LINKS:
+                    tl.store(at + (2 + RB) * NB + rn_pad, fwd)
+                    tl.store(at + (2 + 2 * RB) * NB + rn_pad, back)
+            # the recomputed states are written by other threads than those that read them
+            tl.debug_barrier()
+            for s_done in range(0, steps):
+                s = steps - 1 - s_done
+                bt = b * T + c * C + s
+                gu, gww, gwr, gp = _dnc_step_backward(
+                    kw + bt * W, bw + bt, e + bt * W, v + bt * W, f + bt * R, ga + bt, gw + bt,
+                    kr + bt * R * W, br + bt * R, pi + bt * R * 3,
+                    g_kw + bt * W, g_bw + bt, g_e + bt * W, g_v + bt * W, g_f + bt * R, g_ga + bt,
+                    g_gw + bt, g_kr + bt * R * W, g_br + bt * R, g_pi + bt * R * 3,
+                    row_states + s * STATE, row_states + (s + 1) * STATE, row_saved + s * SAVED,
+                    g_reads + bt * R * W, g_ww_out + bt * N, carry, gu, gww, gwr, gp, eps,
+                    N, W, R, NB, WB, RB, LINKS)
+        tl.debug_barrier()
+        _copy_rows(gM0 + b * N * W, W, carry, WB, N, N, WB)
+        tl.store(gu0 + b * N + slots, gu, mask=slot_ok)
+        tl.store(gww0 + b * N + slots, gww, mask=slot_ok)
+        tl.store(gwr0 + b * R * N + rn, gwr, mask=rn_ok)
+        if LINKS:
+            _copy_rows(gL0 + b * N * N, N, carry + LL, NB, N, N, NB)
+            tl.store(gp0 + b * N + slots, gp, mask=slot_ok)
+
+
+    def _scan_sizes(iface, N):
+        """B, T and the kernels' size constexprs, from the interface and the number of slots."""
+        B, T, W = iface[0].shape
+        R, links = iface[4].shape[2], iface[9].numel() > 0
+        if T < 1:
+            raise ValueError("the Triton scan needs at least one token")
+        NB, WB, RB = (triton.next_power_of_2(x) for x in (N, W, R))
+        return B, T, dict(N=N, W=W, R=R, NB=NB, WB=WB, RB=RB, LINKS=links)
+
+
+    def _aligned(numel):
+        """Records rounded up to 16 floats: each starts 64-byte aligned, so tile loads vectorise."""
+        return -(-numel // 16) * 16
+
+
+    def _state_numel(meta):
+        NB, WB, RB, links = meta["NB"], meta["WB"], meta["RB"], meta["LINKS"]
+        return _aligned(NB * WB + 2 * NB + RB * NB + links * (NB * NB + NB))
+
+
+    def _saved_numel(meta):
+        NB, RB, links = meta["NB"], meta["RB"], meta["LINKS"]
+        return _aligned(2 * NB + RB * NB + links * 2 * RB * NB)
+
+
+    def _num_warps(meta):
+        """TRITON_SCAN_WARPS, or by default one warp per 512 memory cells, 4 to 16: 16 at N 64,
+        W 128, where both kernels then fit 128 registers a thread (the backward with a few hundred
+        bytes of spills, mostly outside its loop over tokens; compile_report.py)."""
+        return TRITON_SCAN_WARPS or min(16, max(4, meta["NB"] * meta["WB"] // 512))
+
+
+    class TritonScan(torch.autograd.Function):
+        """FusedScan's inputs and outputs, on a GPU: the 10 DNCInterface fields over T tokens
+        (B, T, ...; the three scalar gates and β^w as (B, T)), then the 6 DNCState fields; absent
+        link fields are empty tensors. Outputs: reads (B, T, R, W), write weights (B, T, N), the 6
+        fields of the final state. fp32; inputs may be views of any strides (copied contiguous)."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            # the kernels index packed rows; views of the interface projection are copied once
+            iface = [x.contiguous() for x in inputs[:10]]
+            state = [x.contiguous() for x in inputs[10:]]
+            if any(x.dtype != torch.float32 for x in iface + state):
+                raise TypeError("the Triton scan is fp32 only")
+            memory = state[0]
+            B, T, meta = _scan_sizes(iface, memory.shape[1])
+            C = max(1, min(TRITON_SCAN_CHUNK, T))
+            ckpt = memory.new_empty(B, triton.cdiv(T, C), _state_numel(meta))
+            reads = memory.new_empty(B, T, meta["R"], meta["W"])
+            write_weights = memory.new_empty(B, T, meta["N"])
+            final = [torch.empty_like(x) for x in state]
+            _scan_forward_kernel[(B,)](*iface, *state, reads, write_weights, *final, ckpt, T, C,
+                                       COSINE_EPS, STATE=_state_numel(meta),
+                                       num_warps=_num_warps(meta), **meta)
+            ctx.save_for_backward(*iface, ckpt)
+            ctx.state_shapes = [x.shape for x in state]
+            ctx.chunk = C
+            return reads, write_weights, *final
+
+        @staticmethod
+        def backward(ctx, grad_reads, grad_write_weights, *grad_final):
+            iface, ckpt = list(ctx.saved_tensors[:10]), ctx.saved_tensors[10]
+            B, T, meta = _scan_sizes(iface, ctx.state_shapes[0][1])
+            C = ctx.chunk  # the forward's, whatever TRITON_SCAN_CHUNK is now
+            grads = [g.contiguous() for g in (grad_reads, grad_write_weights, *grad_final)]
+            grad_iface = [torch.empty_like(x) for x in iface]
+            grad_init = [ckpt.new_empty(shape) for shape in ctx.state_shapes]
+            states = ckpt.new_empty(B, C + 1, _state_numel(meta))
+            saved = ckpt.new_empty(B, C, _saved_numel(meta))
+            carry = ckpt.new_empty(B, _state_numel(meta))
+            _scan_backward_kernel[(B,)](*iface, *grad_iface, *grads, *grad_init, ckpt, states,
+                                        saved, carry, T, C, COSINE_EPS, STATE=_state_numel(meta),
+                                        SAVED=_saved_numel(meta), num_warps=_num_warps(meta),
+                                        **meta)
+            return (*grad_iface, *grad_init)
+
+
+    def triton_scan(state, iface):
+        return run_scan(TritonScan, state, iface)
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -1707,10 +2279,10 @@ class DNCMemory(nn.Module):
         iface = self.interface(h, context)  # one matmul and one set of activations for all T
         if state is None:
             state = self.initial_state(h.shape[0], h.device, h.dtype)
-        if scan_route(self.kernel, h.device.type) == "fused":
-            reads, write_weights, state = fused_scan(state, iface)
-        else:
-            reads, write_weights, state = self.eager_scan(state, iface)
+        route = scan_route(self.kernel, h.device.type)
+        scan = triton_scan if route == "triton" else fused_scan if route == "fused" else \
+            self.eager_scan
+        reads, write_weights, state = scan(state, iface)
         return MemoryOutput(reads, iface.write_gate[..., 0], write_weights, state)
 
     def eager_scan(self, state, iface):

@@ -47,14 +47,15 @@ SMALL = dict(hidden_size=128, num_layers=2, num_heads=4, mem_slots=32, mem_width
              num_reads=2, batch_size=8, seq_len=64)
 
 
-def case_config(case, device="auto", kernel="auto"):
+def case_config(case, device="auto", kernel="auto", batch_size=0):
     """train | eval | loop, then optionally _small (recall sizes), _links, _norouting
     (lambda_routing=0, as the recall preset trains: no read-free LM head, no KL), _compiled."""
     return dnc_gpt2.Config(temporal_links="_links" in case,
                            use_compile=case.endswith("_compiled"), compile_mode="default",
                            device=device, dnc_kernel=kernel,
                            **(SMALL if "_small" in case else {}),
-                           **({"lambda_routing": 0.0} if "_norouting" in case else {}))
+                           **({"lambda_routing": 0.0} if "_norouting" in case else {}),
+                           **({"batch_size": batch_size} if batch_size else {}))
 
 
 def synchronize(device):
@@ -145,7 +146,7 @@ def time_loop(cfg, repeats):
 def peak_in_fresh_process(case, use_dnc, args):
     """Peak RSS (MiB) of a new process that builds one model and runs two of its steps."""
     command = [sys.executable, __file__, f"--peak_of={case}:{int(use_dnc)}",
-               f"--device={args.device}",
+               f"--device={args.device}", f"--batch_size={args.batch_size}",
                f"--kernels={args.kernels}"] + (
                   ["--malloc_default"] if args.malloc_default else [])
     return round(float(subprocess.run(command, capture_output=True, text=True,
@@ -179,8 +180,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--device", default="auto", help="Config.device: auto, cpu or cuda")
+    parser.add_argument("--batch_size", type=int, default=0,
+                        help="every case at this batch size; 0 = the case's own")
     parser.add_argument("--kernels", default="fused,eager",
-                        help="Config.dnc_kernel values to run each model case with")
+                        help="Config.dnc_kernel values to run each model case with (triton: CUDA)")
     parser.add_argument("--malloc_default", action="store_true",
                         help="leave glibc's malloc as is (dnc_gpt2.main calls keep_freed_memory)")
     parser.add_argument("--no_peak", action="store_true", help="skip the peak-memory processes")
@@ -192,7 +195,7 @@ def main():
         dnc_gpt2.keep_freed_memory()
     if args.peak_of:
         case, use_dnc = args.peak_of.split(":")
-        cfg = case_config(case, args.device, args.kernels.split(",")[0])
+        cfg = case_config(case, args.device, args.kernels.split(",")[0], args.batch_size)
         step = make_stepper(cfg, use_dnc == "1", case.split("_")[0])
         step()
         step()
@@ -215,7 +218,7 @@ def main():
             cfg = case_config(case, args.device)
             results.append({"case": case, **time_loop(cfg, args.repeats)})
         for kernel in args.kernels.split(",") if case.split("_")[0] in ("train", "eval") else []:
-            cfg = case_config(case, args.device, kernel)
+            cfg = case_config(case, args.device, kernel, args.batch_size)
             result = time_interleaved(cfg, args.repeats, case.split("_")[0])
             if not args.no_peak and not cfg.use_compile:
                 one = argparse.Namespace(**{**vars(args), "kernels": kernel})

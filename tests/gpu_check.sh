@@ -95,6 +95,34 @@ EOF
 step dnc_device 60 $PY "$OUT/dnc_device.py"
 sed 's/^/  /' "$OUT/dnc_device.log" | tee -a "$SUMMARY"
 
+# 0b. the Triton scan against the eager loop on CUDA, B = 4, T = 128, forward and gradients
+cat > "$OUT/triton_scan.py" <<'EOF'
+import sys, torch
+sys.path.insert(0, ".")
+import dnc_gpt2 as D
+if not torch.cuda.is_available():
+    sys.exit("no CUDA GPU: the Triton route is tested in the interpreter by pytest instead")
+for links in (False, True):
+    cfg = D.Config(temporal_links=links, device="cuda")
+    torch.manual_seed(0)
+    memory = D.DNCMemory(cfg).cuda()
+    h = torch.randn(4, 128, cfg.hidden_size, device="cuda", requires_grad=True)
+    results = {}
+    for kernel in ("eager", "triton"):
+        memory.kernel = kernel
+        out = memory(h)
+        loss = (out.reads.square().sum() + out.write_weights.square().sum()
+                + out.state.memory.square().sum())
+        results[kernel] = [out.reads, out.write_weights, *torch.autograd.grad(
+            loss, [h, *memory.parameters()])]
+    errors = [((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+              for a, b in zip(results["eager"], results["triton"])]
+    print(f"links {links}: triton vs eager, largest relative error {max(errors):.1e}",
+          "ok" if max(errors) < 1e-4 else "TOO LARGE")
+EOF
+step triton_scan 120 $PY "$OUT/triton_scan.py"
+sed 's/^/  /' "$OUT/triton_scan.log" | tee -a "$SUMMARY"
+
 # 1-2. mixed precision: bf16 autocast, then fp16 with its GradScaler saved in the checkpoints
 step smoke_bf16 120 $PY dnc_gpt2.py $(run_args smoke_bf16) $BF16
 note "$(grep -m1 '^data:' "$OUT/smoke_bf16.log")"
@@ -152,14 +180,20 @@ tr '\r' '\n' < "$OUT/recall.log" 2> /dev/null | grep -a -E '100/100 \[' | sort -
 grep -a -E '^ *(64|256) |write gate by token class' "$OUT/recall.log" 2> /dev/null \
     | sed 's/^/  /' | tee -a "$SUMMARY"
 
-# 5. speed: both models interleaved in one process, eager
-step bench_eager 150 $PY tests/bench_speed.py $BENCH --cases=$EAGER_CASES
+# 5. speed: both models interleaved in one process, eager, then the Triton route (on a GPU),
+# also at the recall preset's large batch (B = 256)
+step bench_eager 150 $PY tests/bench_speed.py $BENCH --cases=$EAGER_CASES --kernels=eager
+if [ "$GPU" = 1 ]; then
+    step bench_triton 120 $PY tests/bench_speed.py $BENCH --cases=$EAGER_CASES --kernels=triton
+    step bench_triton_b256 60 $PY tests/bench_speed.py $BENCH --cases=train_small_norouting \
+        --kernels=triton --batch_size=256
+fi
 
 # 6. torch.compile: the smoke pipeline, then the compiled speed cases
 step smoke_compile 150 $PY dnc_gpt2.py $(run_args smoke_compile) $BF16 --use_compile=true
 step bench_compiled 200 $PY tests/bench_speed.py $BENCH --cases=$COMPILED_CASES
 
-for log in bench_eager bench_compiled; do
+for log in bench_eager bench_triton bench_triton_b256 bench_compiled; do
     grep -A20 '^case' "$OUT/$log.log" 2> /dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
 done
 for log in "$OUT"/*.log; do  # a traceback anywhere is worth reading first

@@ -862,11 +862,21 @@ def test_fused_scan_continues_a_carried_state_and_backpropagates_into_it(links):
 
 
 def test_dnc_kernel_routes(monkeypatch, capsys):
-    """auto: fused on the CPU when it builds, else eager with one line saying why; fused: an
-    error when it cannot be built; eager: never the extension."""
+    """auto: Triton on CUDA tensors, fused on the CPU when it builds, else eager with one line
+    saying why; fused and triton: an error when they cannot run; eager: never a fused scan."""
     assert D.scan_route("auto", "cpu") == "fused"
     assert D.scan_route("fused", "cpu") == "fused"
-    assert D.scan_route("auto", "cuda") == "eager" and D.scan_route("eager", "cpu") == "eager"
+    assert D.scan_route("auto", "cuda") == "triton" and D.scan_route("eager", "cpu") == "eager"
+    assert D.scan_route("auto", "mps") == "eager"
+    with pytest.raises(D.ConfigError, match="--dnc_kernel=triton: that scan runs on cuda"):
+        D.validate_config(D.Config(dnc_kernel="triton", device="cpu"))
+    monkeypatch.setattr(D, "_FUSED_SCAN", dict(D._FUSED_SCAN))  # its "said once" stays here
+    monkeypatch.setattr(D, "triton", None)  # a machine without Triton
+    with pytest.raises(D.ConfigError, match="pip install triton"):
+        D.scan_route("triton", "cuda")
+    assert D.scan_route("auto", "cuda") == "eager"
+    assert capsys.readouterr().err.count("pip install triton") == 1
+    monkeypatch.undo()
     monkeypatch.setattr(D, "_FUSED_SCAN", {"module": "CalledProcessError: no g++"})
     assert D.scan_route("auto", "cpu") == "eager" and D.scan_route("auto", "cpu") == "eager"
     assert capsys.readouterr().err.count("no g++") == 1  # said once
@@ -874,7 +884,7 @@ def test_dnc_kernel_routes(monkeypatch, capsys):
         D.scan_route("fused", "cpu")
     with pytest.raises(D.ConfigError, match="--dnc_kernel=fused"):
         D.validate_config(D.Config(dnc_kernel="fused"))
-    with pytest.raises(D.ConfigError, match="use auto, fused or eager"):
+    with pytest.raises(D.ConfigError, match="use auto, fused, triton or eager"):
         D.validate_config(D.Config(dnc_kernel="fast"))
 
     calls = []

@@ -995,7 +995,7 @@ class RecallGenerator:
 def recall_generator(cfg, tokenizer):
     """The recall episodes of a Config."""
     return RecallGenerator(tokenizer, cfg.seq_len, cfg.seed, cfg.recall_facts, cfg.recall_queries,
-                      cfg.recall_shift)
+                           cfg.recall_shift)
 
 
 def episode_segments(episodes, seq_len):

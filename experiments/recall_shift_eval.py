@@ -8,6 +8,7 @@ their segment scores well on one and near chance on the other (experiments/LOG.m
 """
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
@@ -26,11 +27,20 @@ def exact_by_layout(model, cfg, tokenizer):
 
 
 def main(argv):
+    if len(argv) != 1 or not Path(argv[0]).is_file():
+        print("usage: recall_shift_eval.py CHECKPOINT.pt (a saved GPT2_+_DNC checkpoint of a "
+              "recall run)", file=sys.stderr)
+        return 2
     checkpoint = torch.load(argv[0], map_location="cpu", weights_only=True)
     try:
         cfg = D.checkpoint_config(checkpoint["config"], argv[0])
     except D.ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if cfg.dataset != "recall" or not any(k.startswith("memory.")
+                                          for k in checkpoint["model_state_dict"]):
+        print(f"error: {argv[0]}: not a GPT2 + DNC recall checkpoint; pass the DNC model's "
+              f"checkpoint of a --preset=recall run", file=sys.stderr)
         return 2
     model = D.build_model(cfg, True)
     model.load_state_dict(checkpoint["model_state_dict"])

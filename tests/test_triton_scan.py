@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import dnc_gpt2 as D  # noqa: E402
+from test_dnc import looped_scan  # noqa: E402  (the reference: dnc_step token by token)
 
 # no silent skip: these tests are how the GPU kernels are checked on a machine without a GPU
 assert D.triton is not None, f"the Triton scan's tests need Triton: {D.TRITON_INSTALL}"
@@ -62,17 +63,6 @@ def random_state(seed, links, N, W, R, dtype=torch.float32):
         write_weights=weighting(B, N), read_weights=weighting(B, R, N, total=1.0),
         link=link, precedence=precedence)
     return D.DNCState(*(None if x is None else x.to(dtype) for x in fields))
-
-
-def eager_scan(state, iface):
-    """The reference: dnc_step token by token under autograd."""
-    reads, write_weights = [], []
-    for t in range(iface.write_key.shape[1]):
-        read, state = D.dnc_step(state, D.DNCInterface(
-            *(None if x is None else x[:, t] for x in iface)))
-        reads.append(read)
-        write_weights.append(state.write_weights)
-    return torch.stack(reads, 1), torch.stack(write_weights, 1), state
 
 
 def present(fields):
@@ -129,7 +119,7 @@ def test_forward_equals_eager_and_cpp_scans(N, W, R, links):
     state, iface = random_state(1, links, N, W, R), random_interface(2, links, 5, W, R)
     with torch.no_grad():
         triton_out = outputs(D.triton_scan, state, iface)
-        assert_all_close(triton_out, outputs(eager_scan, state, iface))
+        assert_all_close(triton_out, outputs(looped_scan, state, iface))
         assert_all_close(triton_out, outputs(D.fused_scan, state, iface))
 
 
@@ -142,7 +132,7 @@ def test_gradients_equal_eager_autograd(N, W, R, links):
     scan's backward."""
     state, iface = random_state(3, links, N, W, R), random_interface(4, links, 5, W, R)
     outs, grads = outputs_and_grads(D.triton_scan, state, iface)
-    eager_outs, eager_grads = outputs_and_grads(eager_scan, state, iface)
+    eager_outs, eager_grads = outputs_and_grads(looped_scan, state, iface)
     assert len(grads) == 9 + links + 4 + 2 * links
     assert_all_close(outs, eager_outs)
     assert_all_close(grads, eager_grads)
@@ -178,7 +168,7 @@ def test_allocation_at_ties_and_extreme_usages(case):
         allocation = D.triton_scan(state, iface)[1][:, 0]
     torch.testing.assert_close(allocation, expected, rtol=1e-6, atol=1e-7)
     _, grads = outputs_and_grads(D.triton_scan, state, iface)
-    _, eager_grads = outputs_and_grads(eager_scan, state, iface)
+    _, eager_grads = outputs_and_grads(looped_scan, state, iface)
     usage = len(present(iface)) + 1  # the index of the usage's gradient: memory's, then it
     assert eager_grads[usage].abs().max() > 0
     torch.testing.assert_close(grads[usage], eager_grads[usage], rtol=1e-5, atol=1e-6)
@@ -194,14 +184,14 @@ def test_directional_derivative_against_a_float64_central_difference():
     inputs64 = present(iface64) + present(state64)
     gen = torch.Generator().manual_seed(9)
     direction = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in inputs64]
-    weights = upstream(outputs(eager_scan, state64, iface64), seed=10)
+    weights = upstream(outputs(looped_scan, state64, iface64), seed=10)
 
     def loss64(step):
         moved = iter(x + step * d for x, d in zip(inputs64, direction))
         iface = D.DNCInterface(*(None if x is None else next(moved) for x in iface64))
         state = D.DNCState(*(None if x is None else next(moved) for x in state64))
         with torch.no_grad():
-            return sum((o * w).sum() for o, w in zip(outputs(eager_scan, state, iface), weights))
+            return sum((o * w).sum() for o, w in zip(outputs(looped_scan, state, iface), weights))
 
     h = 1e-6
     expected = ((loss64(h) - loss64(-h)) / (2 * h)).item()
@@ -229,7 +219,7 @@ def test_gradients_do_not_depend_on_the_checkpoint_interval(T, monkeypatch):
     for chunk in (2, T):
         monkeypatch.setattr(D, "TRITON_SCAN_CHUNK", chunk)
         results[chunk] = outputs_and_grads(D.triton_scan, state, iface)
-    eager = outputs_and_grads(eager_scan, state, iface)
+    eager = outputs_and_grads(looped_scan, state, iface)
     for k, (a, b) in enumerate(zip(sum(results[2], []), sum(results[T], []))):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=str(k))
     assert_all_close(sum(results[2], []), sum(eager, []))

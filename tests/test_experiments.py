@@ -106,3 +106,81 @@ def test_shift_eval_refuses_what_it_cannot_score_with_exit_2(script_run, tmp_pat
         assert recall_shift_eval.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err
+
+
+# ─── recall_start_probe ───────────────────────────────────────────────────────────────────
+
+import recall_start_probe  # noqa: E402
+
+PROBE_ARGS = [*TINY_RECALL, "--num_layers=2", "--max_steps=2", "--save_every_steps=2",
+              "--binding_from=0", "--recall_facts=1", "--recall_shift=false"]
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """A tiny recall run whose DNC reads after block 1, trained two steps by the script."""
+    path = tmp_path_factory.mktemp("probe")
+    assert D.main([*PROBE_ARGS, *dirs(path)]) == 0
+    return path, final_dnc_checkpoint(path)
+
+
+@pytest.mark.parametrize("context", [False, True])  # the interface's earlier tokens out / in
+def test_the_probe_replays_the_memory_the_model_computes(probed, context):
+    _, checkpoint = probed
+    model, cfg, step = recall_start_probe.load_dnc(checkpoint)
+    episodes = recall_start_probe.probe_episodes(cfg, D.load_tokenizer())
+    with torch.no_grad():
+        run = recall_start_probe.replay(model, episodes, cfg, context)
+        state, gates, writes = None, [], []
+        for ids, _ in D.episode_segments(episodes, cfg.seq_len):
+            out = model(ids[:, :-1], memory_state=state, context=context)
+            state = out.memory_state
+            gates.append(out.write_gate)
+            writes.append(out.write_weights)
+    assert step == 2 and episodes.ids.shape[0] == recall_start_probe.EPISODES
+    torch.testing.assert_close(run["write_gate"], torch.cat(gates, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(run["write_weights"], torch.cat(writes, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(run["read_weights"][:, -1], state.read_weights, rtol=0, atol=1e-5)
+
+
+def test_the_probe_measures_the_reads_at_the_answers(probed):
+    _, checkpoint = probed
+    model, cfg, _ = recall_start_probe.load_dnc(checkpoint)
+    episodes = recall_start_probe.probe_episodes(cfg, D.load_tokenizer())
+    signals = recall_start_probe.start_signals(model, episodes, cfg)
+    with torch.no_grad():
+        run = recall_start_probe.replay(model, episodes, cfg)
+    # the right digit's slot and all code slots, summed here slot by slot, episode by episode
+    code_class = D.TOKEN_CLASSES.index("fact code")
+    right, codes = [], []
+    for row in range(episodes.ids.shape[0]):
+        code_positions = [t for t in range(episodes.answers.shape[1])
+                          if episodes.classes[row, t] == code_class]
+        answers = [t for t in range(episodes.answers.shape[1]) if episodes.answers[row, t]]
+        assert len(code_positions) == len(answers) == 4
+        for j, p in enumerate(answers):
+            for head in range(cfg.num_reads):
+                for n in range(cfg.mem_slots):
+                    read = run["read_weights"][row, p, head, n].item()
+                    right.append(read * run["write_weights"][row, code_positions[j], n].item())
+                    codes.append(read * sum(run["write_weights"][row, c, n].item()
+                                            for c in code_positions))
+    queries = episodes.ids.shape[0] * 4
+    assert signals["right mass"] == pytest.approx(sum(right) / queries, rel=1e-5)
+    assert signals["code mass"] == pytest.approx(sum(codes) / queries, rel=1e-5)
+    assert 0 < signals["right mass"] < signals["code mass"] <= cfg.num_reads
+    assert 0 < signals["read entropy"] <= 1 and signals["read strength"] >= 1
+    assert all(0 < signals[f"gate {c}"] < 1 for c in ("filler", "fact code", "fact name"))
+
+
+def test_the_probe_refuses_what_it_cannot_probe_with_exit_2(probed, script_run, capsys):
+    path, _ = probed
+    at_head, _ = script_run  # num_layers=1: the DNC reads at the head
+    capsys.readouterr()
+    for argv, needle in [([], "usage"), ([str(path / "absent.pt")], "no such checkpoint"),
+                         ([str(next((path / "ckpt").glob("GPT2_Baseline_FINAL_*.pt")))],
+                          "not a GPT2 + DNC"),
+                         ([str(final_dnc_checkpoint(at_head))], "memory_layer > 0")]:
+        assert recall_start_probe.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err

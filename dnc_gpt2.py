@@ -74,7 +74,6 @@ class Config:
     zero_read_proj: bool = False
     tie_embeddings: bool = True
     allocation_gate_bias: float = 0.0
-    read_strength_bias: float = 0.0
     memory_layer: int = 0
     interface_context: int = 1
     dnc_kernel: str = "auto"
@@ -199,9 +198,6 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "initial bias of the allocation gate's logit (g^a = sigmoid(… + bias)); positive "
         "starts every write in a fresh slot instead of half of it smeared over the rows its "
         "write key resembles, e.g. 3 → g^a ≈ 0.95"),
-    "read_strength_bias": (
-        "initial bias of the read strengths' pre-activation (β^r = 1 + softplus(… + bias)); 0 "
-        "starts β^r near 1.7, where every read is an even average of the slots, 3 near 4"),
     "tie_embeddings": (
         "True: the LM head is the token embedding, as in GPT-2. False: its own copy, so that "
         "targets the model cannot predict (the recall codes) do not pull the input embeddings "
@@ -561,8 +557,6 @@ def validate_config(cfg):
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.allocation_gate_bias), "allocation_gate_bias",
          f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
-        (math.isfinite(cfg.read_strength_bias), "read_strength_bias",
-         f"read_strength_bias={cfg.read_strength_bias} must be a finite number"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
          f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
          f"from the memory's interface into GPT-2, 1: all of it)"),
@@ -2242,7 +2236,6 @@ class DNCMemory(nn.Module):
         self.sizes = sizes + ([3 * self.R] if self.links else [])
         self.allocation_gate_index = sum(sizes[:5])  # g^a's row of the interface projection
         self.write_gate_index = sum(sizes[:6])  # g^w's row
-        self.read_strength_rows = slice(sum(sizes[:8]), sum(sizes[:9]))  # β^r's R rows
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
         self.context = cfg.interface_context
         if self.context > 1:  # zero: the earlier tokens' share is learnt from the k = 1 start
@@ -2360,12 +2353,9 @@ class GPT2LM(nn.Module):
                 nn.init.zeros_(self.read_proj.weight)
             # an allocation gate near 1 sends each write to a fresh slot, where g^a = 0.5 with
             # a soft write key smears half of it over every row alike, so the rows grow alike
-            # β^r = 1 + softplus(x) starts near 1.7: with random keys every read is then an even
-            # average of the slots, whose gradient barely turns a key towards one slot (SK)
             with torch.no_grad():
-                bias = self.memory.interface_proj.bias
-                bias[self.memory.allocation_gate_index] = cfg.allocation_gate_bias
-                bias[self.memory.read_strength_rows] = cfg.read_strength_bias
+                self.memory.interface_proj.bias[self.memory.allocation_gate_index] = \
+                    cfg.allocation_gate_bias
 
     def forward(self, input_ids, memory_state=None, scored=None, context=True):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
@@ -2744,14 +2734,14 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
               "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
-              "tie_embeddings", "allocation_gate_bias", "read_strength_bias", "interface_context", "binding_from",
+              "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
               "dataset", "recall_distances", "loss_on", "curriculum_steps", "recall_facts",
               "recall_queries", "recall_shift", "context_stride", "memory_layer", "init_from")
 # Options that lost (experiments/LOG.md) and their defaults: a checkpoint made with another
 # value needs the code of this tag
 REMOVED_OPTIONS = {"lambda_write": 0.0, "write_gate_bias": 0.0, "content_mode_bias": 0.0,
                    "temporal_links_from": 0, "query_opens_segment": False,
-                   "recall_queries_from": 0, "routing_stride": 1}
+                   "read_strength_bias": 0.0, "recall_queries_from": 0, "routing_stride": 1}
 REMOVED_TAG = "options-before-cleanup"
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")

@@ -1,6 +1,7 @@
 """Config parsing and validation: bad input gets one clear line naming the field, exit status 2,
 and never touches files of an earlier run."""
 import dataclasses
+import re
 import signal
 import subprocess
 import sys
@@ -218,3 +219,22 @@ def test_readme_config_table_is_the_one_help_prints():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert dnc_gpt2.config_table() in readme
     assert set(dnc_gpt2.FIELD_HELP) == {f.name for f in dataclasses.fields(dnc_gpt2.Config)}
+
+
+def github_anchor(heading):
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_readme_links_into_the_log_name_headings_it_has():
+    root = Path(__file__).resolve().parent.parent
+    log = (root / "experiments" / "LOG.md").read_text().splitlines()
+    anchors = {github_anchor(line) for line in log if line.startswith("#")}
+    for document in ("README.md", "experiments/LOG.md"):
+        links = re.findall(r"\(((?:experiments/)?LOG\.md)?#([\w\-]+)\)",
+                           (root / document).read_text())
+        targets = [anchor for path, anchor in links if path or document.endswith("LOG.md")]
+        assert targets, document
+        missing = [anchor for anchor in targets if anchor not in anchors]
+        assert not missing, f"{document} links to headings that experiments/LOG.md lacks: {missing}"

@@ -2743,6 +2743,7 @@ REMOVED_OPTIONS = {"lambda_write": 0.0, "write_gate_bias": 0.0, "content_mode_bi
                    "temporal_links_from": 0, "query_opens_segment": False,
                    "read_strength_bias": 0.0, "recall_queries_from": 0, "routing_stride": 1}
 REMOVED_TAG = "options-before-cleanup"
+REMOVED_COMMIT = "06b7456"  # named too, since a clone does not always fetch tags
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
 
@@ -2837,7 +2838,8 @@ def checkpoint_config(made, path):
     removed = removed_options_in(made)
     if removed:
         raise ConfigError(f"{path}: made with {' '.join(removed)}, options since removed; run "
-                          f"it with the code of git tag {REMOVED_TAG}, or use another --save_dir")
+                          f"it with the code of git tag {REMOVED_TAG} (commit {REMOVED_COMMIT}), "
+                          f"or use another --save_dir")
     fields = {f.name for f in dataclasses.fields(Config)}
     made = {**made, "binding_from": binding_from_of(made)}
     return Config(**{key: value for key, value in made.items() if key in fields})

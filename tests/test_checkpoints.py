@@ -511,7 +511,8 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_the_tag(tmp_path, ol
         D.load_checkpoint(path, cfg, None)
     message = str(error.value)
     assert len(message.splitlines()) == 1 and str(path) in message
-    assert f"git tag {D.REMOVED_TAG}" in message and D.REMOVED_TAG == "options-before-cleanup"
+    assert f"git tag {D.REMOVED_TAG} (commit {D.REMOVED_COMMIT})" in message
+    assert D.REMOVED_TAG == "options-before-cleanup" and D.REMOVED_COMMIT == "06b7456"
     for name, value in old.items():
         assert f"--{name}={value}" in message
 

@@ -456,3 +456,51 @@ def test_before_binding_from_the_interface_reads_this_token_alone(layer):
         difference = (logits - plain(ids[:, :-1]).logits).abs().max().item()
         assert (difference == 0) == (step == 4), (step, difference)
     assert grads[0] is None and grads[1].abs().max() > 0
+
+
+def test_gradient_only_at_keeps_the_value_and_masks_the_gradient():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 4, generator=gen, requires_grad=True)
+    where = torch.rand(2, 5, generator=gen) < 0.5
+    upstream = torch.randn(2, 5, 4, generator=gen)
+    y = D.gradient_only_at(x * 3.0, where)
+    torch.testing.assert_close(y, x * 3.0, rtol=0, atol=0)
+    y.backward(upstream)
+    torch.testing.assert_close(x.grad, 3.0 * upstream * where.unsqueeze(-1), rtol=0, atol=0)
+    assert D.gradient_only_at(x, None) is x
+
+
+def test_memory_grad_answers_trains_the_memory_from_the_answers_alone():
+    # At the head each read reaches only its own logits, so with memory_grad the memory's
+    # gradient of the whole loss must equal, without it, the gradient of the answers' loss.
+    cfg, model = layered_model(3)
+    model.train()
+    ids = random_ids(cfg, length=cfg.seq_len + 1, seed=4)
+    answers = torch.zeros(2, cfg.seq_len, dtype=torch.bool)
+    answers[0, [5, 11]], answers[1, 14] = True, True
+    targets = ids[:, 1:]
+
+    def grads(memory_grad, scored_positions):
+        model.zero_grad()
+        logits = model(ids[:, :-1], memory_grad=memory_grad).logits
+        F.cross_entropy(logits[scored_positions], targets[scored_positions]).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    every = torch.ones_like(answers)
+    masked = grads(answers, every)
+    ref_answers = grads(None, answers)
+    ref_all = grads(None, every)
+    memory = [n for n in masked if n.startswith(("memory.", "read_proj."))]
+    assert len(memory) >= 4
+    for name in memory:
+        scale = every.sum() / answers.sum()  # the mean over all targets against the answers'
+        torch.testing.assert_close(masked[name] * scale, ref_answers[name], rtol=1e-4, atol=1e-7)
+        assert (ref_all[name] - masked[name]).abs().max() > 1e-6, name
+    # GPT-2 still learns from every target (controller_grad=0: only through the logits)
+    trunk = [n for n in masked if n.startswith("transformer.")]
+    assert trunk
+    for name in trunk:
+        torch.testing.assert_close(masked[name], ref_all[name], rtol=1e-5, atol=1e-8)
+    with torch.no_grad():  # the forward pass is the same
+        torch.testing.assert_close(model(ids[:, :-1], memory_grad=answers).logits,
+                                   model(ids[:, :-1]).logits, rtol=0, atol=0)

@@ -3232,6 +3232,12 @@ class StepData(NamedTuple):
     memory_grad: list = None  # per batch, where the reads pass their gradient; None: everywhere
 
 
+def step_data(task, cfg, step):
+    """What the task trains on at this step, with the step's settings."""
+    batches, scored, answers = task.step_batches(step)
+    return StepData(batches, scored, binding(cfg, step), memory_grad_masks(cfg, answers))
+
+
 def learning_rate(cfg, step, total_steps):
     """Constant `lr` before step lr_decay_from, then a half cosine from `lr` at lr_decay_from
     to `min_lr` at total_steps. At a constant rate the recall checks swing by up to 0.3 from
@@ -3388,8 +3394,7 @@ def train_model(cfg, use_dnc, task, device, stop, live=None):
         for step in range(step + 1, total_steps + 1):
             if task.fresh_memory(step):
                 carried = None
-            batches, scored, answers = task.step_batches(step)
-            data = StepData(batches, scored, binding(cfg, step), memory_grad_masks(cfg, answers))
+            data = step_data(task, cfg, step)
             seen += input_tokens(data.batches)
             set_learning_rate(optimizer, learning_rate(cfg, step, total_steps))
             sums, grad_norm, carried = train_step(runner, model, optimizer, scaler, data, cfg,

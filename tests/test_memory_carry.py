@@ -168,7 +168,7 @@ def test_training_steps_carry_the_state_and_detach_at_the_boundary(record_interf
         assert (got - own_grad).abs().max() > 1e-3 * own_grad.abs().max(), field
     step_one = {f: getattr(interfaces[0], f).grad.clone() for f in fields}
     # across the step boundary, none: step 2's backward leaves step 1's gradients as they were
-    D.train_step(model, model, optimizer, scaler, D.StepData(*task.step_batches(2), True), cfg,
+    D.train_step(model, model, optimizer, scaler, D.step_data(task, cfg, 2), cfg,
                  D.StopFlag(), torch.device("cpu"), state)
     assert len(interfaces) == 4 and interfaces[2].write_vector.grad.abs().max() > 0
     for field in fields:

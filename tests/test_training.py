@@ -31,7 +31,7 @@ def train_paired(cfg, use_dnc, task, steps):
     torch.manual_seed(cfg.seed)
     norms = []
     for step in range(1, steps + 1):
-        data = D.StepData(*task.step_batches(step), D.binding(cfg, step))
+        data = D.step_data(task, cfg, step)
         _, norm, _ = D.train_step(model, model, optimizer, scaler, data, cfg, D.StopFlag(),
                                   torch.device("cpu"))
         norms.append(norm)

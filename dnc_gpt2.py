@@ -71,7 +71,6 @@ class Config:
     carry_memory: bool = False
     bptt_segments: int = 1
     controller_grad: float = 0.0
-    memory_grad: str = "all"
     zero_read_proj: bool = False
     tie_embeddings: bool = True
     allocation_gate_bias: float = 0.0
@@ -195,11 +194,6 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "state: 1 = all of it, 0 = none (GPT-2 is then a fixed feature extractor for the "
         "memory's addressing; the reads still train GPT-2 through the logits). 0 by "
         "measurement on wt2-mini (Results); the `recall` preset sets 1"),
-    "memory_grad": (
-        "which targets train the memory: `all` (every scored target), or `answers` (recall with "
-        "loss_on=answers): the reads pass their gradient at the answers only, so the LM loss on "
-        "context_stride's targets, which no read can lower, trains GPT-2 and not the memory; "
-        "the forward pass is the same"),
     "allocation_gate_bias": (
         "initial bias of the allocation gate's logit (g^a = sigmoid(… + bias)); positive "
         "starts every write in a fresh slot instead of half of it smeared over the rows its "
@@ -601,10 +595,6 @@ def validate_config(cfg):
          f"loss_on={cfg.loss_on!r}: use all or answers"),
         (cfg.loss_on == "all" or cfg.dataset == "recall", "loss_on",
          "loss_on=answers needs --dataset=recall (WikiText has no answers)"),
-        (cfg.memory_grad in ("all", "answers"), "memory_grad",
-         f"memory_grad={cfg.memory_grad!r}: use all or answers"),
-        (cfg.memory_grad == "all" or cfg.loss_on == "answers", "memory_grad",
-         "memory_grad=answers needs the answers of --dataset=recall with --loss_on=answers"),
         (cfg.loss_on == "all" or cfg.lambda_routing == 0, "lambda_routing",
          "the routing loss needs the prediction at every token; with loss_on=answers set "
          "--lambda_routing=0"),
@@ -2367,14 +2357,12 @@ class GPT2LM(nn.Module):
                 self.memory.interface_proj.bias[self.memory.allocation_gate_index] = \
                     cfg.allocation_gate_bias
 
-    def forward(self, input_ids, memory_state=None, scored=None, context=True, memory_grad=None):
+    def forward(self, input_ids, memory_state=None, scored=None, context=True):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
 
         scored (B, T) bool: compute the logits only at these positions, as (K, V) in row-major
         order (loss_on=answers); the LM head over 50,257 classes is then nearly free.
         context: whether the DNC's interface reads the earlier tokens (binding_from).
-        memory_grad (B, T) bool: the reads pass their gradient at these positions only
-        (memory_grad=answers); None: everywhere. The output is the same.
         """
         with self.autocast(input_ids.device):
             h, memory = self.embed(input_ids), None
@@ -2382,14 +2370,13 @@ class GPT2LM(nn.Module):
                 h = block(h)
                 if self.use_dnc and k == self.memory_layer < len(self.transformer.h):
                     # causal: the DNC at token t has seen block k's outputs at tokens <= t only
-                    h, memory = self.read_and_add(h, self.memory_ln(h), memory_state, context,
-                                                  memory_grad)
+                    h, memory = self.read_and_add(h, self.memory_ln(h), memory_state, context)
             h = self.transformer.ln_f(h)
             if not self.use_dnc:
                 return LMOutput(self.lm_head(at_scored(h, scored)))
             x, nomem_logits = h, None
             if memory is None:  # at the head: h itself is the read-free twin of x
-                x, memory = self.read_and_add(h, h, memory_state, context, memory_grad)
+                x, memory = self.read_and_add(h, h, memory_state, context)
                 if not self.training or self.routing:  # the routing target and mem_kl only
                     with torch.no_grad():
                         nomem_logits = self.lm_head(at_scored(h, scored))
@@ -2403,12 +2390,11 @@ class GPT2LM(nn.Module):
         wte, wpe = self.transformer.wte, self.transformer.wpe
         return self.transformer.drop(wte(input_ids) + wpe(positions))
 
-    def read_and_add(self, residual, controller, memory_state, context, memory_grad=None):
+    def read_and_add(self, residual, controller, memory_state, context):
         """residual + read_proj(r_t), with r_t read by the DNC driven by `controller`."""
         controller = scale_gradient(controller, self.controller_grad)
         memory = self.memory(controller, memory_state, context)
-        added = gradient_only_at(self.read_proj(memory.reads.flatten(-2)), memory_grad)
-        return residual + added, memory
+        return residual + self.read_proj(memory.reads.flatten(-2)), memory
 
     def autocast(self, device):
         if self.amp_dtype == torch.float32:
@@ -2434,19 +2420,6 @@ def scale_gradient(x, scale):
     if scale == 0:
         return x.detach()
     return x.detach() + scale * (x - x.detach())  # exactly x forward: x - x.detach() is 0
-
-
-def gradient_only_at(x, where):
-    """x (B, T, H) in the forward pass; its gradient passes at the positions where (B, T) is
-    True and is zero elsewhere; where=None passes it everywhere.
-
-    memory_grad=answers: the reads' contribution at every other token still enters GPT-2,
-    but the LM loss that context_stride adds there, which no read can lower, no longer trains
-    the memory; only the answers do.
-    """
-    if where is None:
-        return x
-    return torch.where(where.unsqueeze(-1), x, x.detach())
 
 
 def memory_below_head(cfg):
@@ -2762,16 +2735,25 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
               "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
-              "memory_grad",
               "dataset", "recall_distances", "loss_on", "curriculum_steps", "recall_facts",
               "recall_queries", "recall_shift", "context_stride", "memory_layer", "init_from")
-# Options that lost (experiments/LOG.md) and their defaults: a checkpoint made with another
-# value needs the code of this tag
-REMOVED_OPTIONS = {"lambda_write": 0.0, "write_gate_bias": 0.0, "content_mode_bias": 0.0,
-                   "temporal_links_from": 0, "query_opens_segment": False,
-                   "read_strength_bias": 0.0, "recall_queries_from": 0, "routing_stride": 1}
-REMOVED_TAG = "options-before-cleanup"
-REMOVED_COMMIT = "06b7456"  # named too, since a clone does not always fetch tags
+
+
+class CodeTag(NamedTuple):
+    """The last code that had a removed option."""
+    tag: str
+    commit: str  # named too, since a clone does not always fetch tags
+
+
+CLEANUP = CodeTag("options-before-cleanup", "06b7456")
+MEMORY_GRAD = CodeTag("memory-grad", "3cb4fc7")
+# Options that lost (experiments/LOG.md), their defaults, and the code that still has them: a
+# checkpoint made with another value needs that code
+REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEANUP),
+                   "content_mode_bias": (0.0, CLEANUP), "temporal_links_from": (0, CLEANUP),
+                   "query_opens_segment": (False, CLEANUP), "read_strength_bias": (0.0, CLEANUP),
+                   "recall_queries_from": (0, CLEANUP), "routing_stride": (1, CLEANUP),
+                   "memory_grad": ("all", MEMORY_GRAD)}
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
 
@@ -2790,11 +2772,13 @@ def binding_from_of(made):
 
 
 def removed_options_in(made):
-    """The removed options a checkpoint's config sets away from their defaults, as --key=value."""
-    differ = [f"--{name}={made[name]}" for name, default in REMOVED_OPTIONS.items()
-              if made.get(name, default) != default]
+    """The removed options a checkpoint's config sets away from their defaults, as --key=value,
+    with the code that has them."""
+    differ = {f"--{name}={made[name]}": code for name, (default, code) in REMOVED_OPTIONS.items()
+              if made.get(name, default) != default}
     if binding_from_of(made) is None:
-        differ += [f"--{name}={made[name]}" for name in BINDING_STEPS if name in made]
+        differ.update({f"--{name}={made[name]}": CLEANUP for name in BINDING_STEPS
+                       if name in made})
     return differ
 
 
@@ -2865,9 +2849,10 @@ def checkpoint_config(made, path):
     at its default."""
     removed = removed_options_in(made)
     if removed:
+        codes = " or ".join(sorted({f"git tag {code.tag} (commit {code.commit})"
+                                    for code in removed.values()}))
         raise ConfigError(f"{path}: made with {' '.join(removed)}, options since removed; run "
-                          f"it with the code of git tag {REMOVED_TAG} (commit {REMOVED_COMMIT}), "
-                          f"or use another --save_dir")
+                          f"it with the code of {codes}, or use another --save_dir")
     fields = {f.name for f in dataclasses.fields(Config)}
     made = {**made, "binding_from": binding_from_of(made)}
     return Config(**{key: value for key, value in made.items() if key in fields})
@@ -3100,14 +3085,6 @@ def training_shift(cfg, step):
     return cfg.recall_shift and binding(cfg, step)
 
 
-def memory_grad_masks(cfg, answer_masks):
-    """Per batch, where the reads pass their gradient: the answers with memory_grad=answers,
-    else None (everywhere)."""
-    if cfg.memory_grad == "answers":
-        return answer_masks
-    return [None] * len(answer_masks)
-
-
 def scored_targets(answer_masks, cfg):
     """loss_on=answers: the answers of each segment, and with context_stride k every k-th target.
 
@@ -3123,7 +3100,7 @@ def scored_targets(answer_masks, cfg):
 
 
 # The two tasks share one interface: source and snippet (for the reports), valid and test (what
-# evaluate takes), steps_per_epoch, step_batches(step) -> (batches, scored masks, answer masks),
+# evaluate takes), steps_per_epoch, step_batches(step) -> (batches, scored masks),
 # fresh_memory(step), evaluate(model, split), table(results), save_outputs(results).
 
 
@@ -3148,7 +3125,7 @@ class WikiTextTask:
 
     def step_batches(self, step):
         batches = micro_batches(self.units, self.cfg, step, self.steps_per_epoch)
-        return batches, [None] * len(batches), [None] * len(batches)
+        return batches, [None] * len(batches)
 
     def fresh_memory(self, step):
         """A carried DNC state starts empty at each epoch."""
@@ -3194,8 +3171,8 @@ class RecallTask:
                                              training_facts(cfg, step), training_shift(cfg, step))
         batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
         if cfg.loss_on == "answers":
-            return list(batches), scored_targets(masks, cfg), list(masks)
-        return list(batches), [None] * len(batches), list(masks)
+            return list(batches), scored_targets(masks, cfg)
+        return list(batches), [None] * len(batches)
 
     def fresh_memory(self, step):
         return True
@@ -3229,13 +3206,11 @@ class StepData(NamedTuple):
     batches: list  # (B, T + 1) token ids, in order (carry_memory: consecutive segments)
     scored: list  # per batch, the (B, T) targets of the LM loss; None: every target
     context: bool  # whether the DNC's interface reads the earlier tokens (binding_from)
-    memory_grad: list = None  # per batch, where the reads pass their gradient; None: everywhere
 
 
 def step_data(task, cfg, step):
     """What the task trains on at this step, with the step's settings."""
-    batches, scored, answers = task.step_batches(step)
-    return StepData(batches, scored, binding(cfg, step), memory_grad_masks(cfg, answers))
+    return StepData(*task.step_batches(step), binding(cfg, step))
 
 
 def learning_rate(cfg, step, total_steps):
@@ -3264,14 +3239,13 @@ def scored_count(batch, mask):
     return batch[:, 1:].numel() if mask is None else int(mask.sum())
 
 
-def forward_batch(runner, batch, mask, state, context, device, memory_grad=None):
+def forward_batch(runner, batch, mask, state, context, device):
     """The model's output on one batch and the targets it is scored on."""
     batch = batch.to(device)
     mask = mask.to(device) if mask is not None else None
     # keywords only when given: DataParallel pads missing inputs badly
     extra = {"memory_state": state} if state is not None else {}
     extra.update({"scored": mask} if mask is not None else {})
-    extra.update({"memory_grad": memory_grad.to(device)} if memory_grad is not None else {})
     out = runner(batch[:, :-1], context=context, **extra)
     return out, (batch[:, 1:] if mask is None else batch[:, 1:][mask])
 
@@ -3299,7 +3273,6 @@ def forward_backward(runner, use_dnc, scaler, data, cfg, device, state):
     backward. A batch with no scored target adds no loss but still carries the state.
     """
     counts = [scored_count(batch, mask) for batch, mask in zip(data.batches, data.scored)]
-    grad_masks = data.memory_grad or [None] * len(data.batches)
     sums, pending = dict.fromkeys(STEP_SUMS, 0.0), 0.0
     carries = cfg.carry_memory and use_dnc
     for i, (batch, mask) in enumerate(zip(data.batches, data.scored)):
@@ -3307,8 +3280,7 @@ def forward_backward(runner, use_dnc, scaler, data, cfg, device, state):
             continue
         last = i == len(data.batches) - 1
         with runner.no_sync() if distributed() and not last else contextlib.nullcontext():
-            out, targets = forward_batch(runner, batch, mask, state, data.context, device,
-                                         grad_masks[i] if use_dnc else None)
+            out, targets = forward_batch(runner, batch, mask, state, data.context, device)
             state = out.memory_state if cfg.carry_memory else state
             if counts[i]:
                 loss, parts = compute_loss(out, targets, cfg, use_dnc)

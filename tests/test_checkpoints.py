@@ -472,7 +472,8 @@ def test_a_checkpoint_older_than_a_field_resumes_at_that_fields_default(tmp_path
 
 
 # the code before the cleanup: the removed options and the three steps binding_from replaced
-BEFORE_CLEANUP = {**D.REMOVED_OPTIONS, "recall_facts_from": 0, "recall_shift_from": 0,
+BEFORE_CLEANUP = {**{name: default for name, (default, code) in D.REMOVED_OPTIONS.items()
+                     if code == D.CLEANUP}, "recall_facts_from": 0, "recall_shift_from": 0,
                   "interface_context_from": 0}
 RECALL = dict(dataset="recall", recall_facts=2, recall_shift=True, interface_context=10)
 
@@ -511,10 +512,25 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_the_tag(tmp_path, ol
         D.load_checkpoint(path, cfg, None)
     message = str(error.value)
     assert len(message.splitlines()) == 1 and str(path) in message
-    assert f"git tag {D.REMOVED_TAG} (commit {D.REMOVED_COMMIT})" in message
-    assert D.REMOVED_TAG == "options-before-cleanup" and D.REMOVED_COMMIT == "06b7456"
+    assert "git tag options-before-cleanup (commit 06b7456)" in message
+    assert "memory-grad" not in message
     for name, value in old.items():
         assert f"--{name}={value}" in message
+
+
+def test_a_checkpoint_of_memory_grad_answers_is_refused_naming_its_own_tag(tmp_path):
+    cfg = D.Config(**RECALL)
+    made = {**dataclasses.asdict(cfg), "memory_grad": "answers"}
+    path = saved_config(tmp_path / "GPT2_+_DNC_step1.pt", made)
+    with pytest.raises(D.ConfigError) as error:
+        D.load_checkpoint(path, cfg, None)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "--memory_grad=answers" in message
+    assert "git tag memory-grad (commit 3cb4fc7)" in message
+    assert "options-before-cleanup" not in message
+    # at its default it was the code of today
+    path = saved_config(tmp_path / "GPT2_+_DNC_step2.pt", {**made, "memory_grad": "all"})
+    assert D.load_checkpoint(path, cfg, None)["global_step"] == 1
 
 
 def test_a_checkpoint_made_before_the_removed_options_existed_still_loads(tmp_path):

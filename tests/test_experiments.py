@@ -102,7 +102,7 @@ def test_shift_eval_refuses_what_it_cannot_score_with_exit_2(script_run, tmp_pat
     capsys.readouterr()
     for argv, needle in [([], "usage"), ([str(tmp_path / "absent.pt")], "usage"),
                          ([str(baseline)], "not a GPT2 + DNC"),
-                         ([str(tmp_path / "old.pt")], D.REMOVED_TAG)]:
+                         ([str(tmp_path / "old.pt")], D.CLEANUP.tag)]:
         assert recall_shift_eval.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err

@@ -93,7 +93,7 @@ def test_binding_from_switches_the_facts_and_the_layout_at_the_same_step(task, s
     recall = D.RecallTask(cfg, shifted_task)
     for step, layout, facts in ((1, task, 1), (2, task, 1), (3, shifted_task, 2),
                                 (4, shifted_task, 2)):
-        batches, _, _ = recall.step_batches(step)
+        batches, _ = recall.step_batches(step)
         expected = layout.train_batch(step, cfg.batch_size, [64], None, facts)
         assert torch.equal(torch.cat([b[:, :-1] for b in batches], 1), expected.ids[:, :-1])
     # the run's task, from which validation and test are drawn, is shifted at every step
@@ -179,34 +179,6 @@ def test_train_step_weights_segments_by_their_scored_targets():
     assert sums["lm"] / sums["tokens"] == pytest.approx(nll.mean().item(), rel=1e-5)
     torch.testing.assert_close(before - model.read_proj.weight.detach(), expected_grad,
                                rtol=1e-4, atol=1e-7)
-
-
-def test_memory_grad_answers_trains_the_memory_on_the_answers_of_the_step(task):
-    # the task's answers are what the step passes on; with the memory at the head each read
-    # reaches its own logits only, so read_proj's update is the answers' share of the loss
-    cfg = D.Config(**{**TINY, "grad_clip": 1e9, "context_stride": 3, "memory_grad": "answers",
-                      "vocab_size": 50257, "seq_len": 32, "recall_distances": "64"})
-    batches, scored, answers = D.RecallTask(cfg, task).step_batches(1)
-    assert all(a.any() for a in answers[-1:]) and all((a & ~s).sum() == 0
-                                                      for a, s in zip(answers, scored))
-    assert D.memory_grad_masks(cfg, answers) is answers
-    assert D.memory_grad_masks(D.Config(**TINY), answers) == [None] * len(answers)
-    model = D.build_model(cfg, True)
-    nll, state = [], None
-    for batch, mask, answer in zip(batches, scored, answers):
-        out = model(batch[:, :-1], memory_state=state)
-        state = out.memory_state
-        log_p = torch.log_softmax(out.logits, -1)
-        nll.append(-log_p.gather(-1, batch[:, 1:].unsqueeze(-1))[..., 0]
-                   * answer / sum(int(m.sum()) for m in scored))
-    expected_grad, = torch.autograd.grad(sum(n.sum() for n in nll), model.read_proj.weight)
-    before = model.read_proj.weight.detach().clone()
-    D.train_step(model, model, torch.optim.SGD(model.parameters(), lr=1.0),
-                 torch.amp.GradScaler("cpu", enabled=False),
-                 D.StepData(batches, scored, True, D.memory_grad_masks(cfg, answers)), cfg,
-                 D.StopFlag(), torch.device("cpu"))
-    torch.testing.assert_close(before - model.read_proj.weight.detach(), expected_grad,
-                               rtol=1e-4, atol=1e-8)
 
 
 # ─── the credit path ──────────────────────────────────────────────────────────────────────
@@ -431,8 +403,6 @@ SMOKE_RECALL = ["--preset=smoke", "--dataset=recall", "--loss_on=answers", "--la
     (["--recall_queries=-1"], "recall_queries"),
     (["--controller_grad=-1"], "controller_grad"),
     ([*SMOKE_RECALL, "--binding_from=-1"], "binding_from"),
-    (["--memory_grad=answers"], "memory_grad"),
-    ([*SMOKE_RECALL, "--memory_grad=some"], "memory_grad"),
 ])
 def test_bad_recall_options_exit_2_with_one_line(args, field, tmp_path, capsys):
     assert D.main([*args, f"--save_dir={tmp_path}/c", f"--plot_dir={tmp_path}/p"]) == 2
@@ -503,7 +473,7 @@ def test_curriculum_unlocks_the_distances_in_order():
 def test_context_stride_adds_every_kth_target_to_the_answers(task):
     cfg = D.Config(**{**TINY, "seq_len": 64, "batch_size": 3, "context_stride": 8,
                       "recall_distances": "64"})
-    batches, masks, _ = D.RecallTask(cfg, task).step_batches(4)
+    batches, masks = D.RecallTask(cfg, task).step_batches(4)
     episodes = task.train_batch(4, 3, [64])
     answers = [m for _, m in D.episode_segments(episodes, 64)]
     for mask, answer in zip(masks, answers):

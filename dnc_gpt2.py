@@ -83,7 +83,6 @@ class Config:
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 3e-4
-    warmup_steps: int = 0
     lr_decay_from: int = 0
     min_lr: float = 0.0
     grad_clip: float = 1.0
@@ -229,13 +228,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "batch_size": "sequences per step",
     "seq_len": "tokens per sequence",
     "lr": "AdamW learning rate",
-    "warmup_steps": (
-        "0: the first step already takes `lr`; N: the rate rises linearly from lr/N at step 1 "
-        "to `lr` at step N"),
     "lr_decay_from": (
         "0: the learning rate stays at `lr`; N: `lr` until step N, then a half cosine down to "
         "`min_lr` at the last step, so that the checkpoints before N are those of a constant "
-        "rate (with `warmup_steps`, a warmup-stable-decay schedule); N beyond the last step "
+        "rate (a warmup-stable-decay schedule without the warmup); N beyond the last step "
         "leaves the rate constant. "
         "The last step is max_steps (or the epochs' end): resuming with another max_steps "
         "reshapes the decay that remains"),
@@ -546,12 +542,8 @@ def validate_config(cfg):
         (cfg.epochs > 0, "epochs", f"epochs={cfg.epochs} must be a positive integer, even "
          f"where max_steps > 0 overrides it"),
         (cfg.lr > 0 and math.isfinite(cfg.lr), "lr", f"lr={cfg.lr} must be a positive number"),
-        (cfg.warmup_steps >= 0, "warmup_steps",
-         f"warmup_steps={cfg.warmup_steps} must be >= 0 (0 = no warmup)"),
         (cfg.lr_decay_from >= 0, "lr_decay_from",
          f"lr_decay_from={cfg.lr_decay_from} must be >= 0 (0 = a constant learning rate)"),
-        (not cfg.lr_decay_from or cfg.warmup_steps < cfg.lr_decay_from, "warmup_steps",
-         f"warmup_steps={cfg.warmup_steps} must end before lr_decay_from={cfg.lr_decay_from}"),
         (0 <= cfg.min_lr < cfg.lr, "min_lr",
          f"min_lr={cfg.min_lr} must lie in [0, lr={cfg.lr})"),
         (0 <= cfg.temperature < math.inf, "temperature",
@@ -2740,12 +2732,11 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 # a checkpoint made with other values of these cannot continue this run
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
-              "lr", "warmup_steps", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing",
-              "lambda_entropy", "seed", "carry_memory", "bptt_segments", "controller_grad",
-              "zero_read_proj", "tie_embeddings", "allocation_gate_bias", "interface_context",
-              "binding_from", "dataset", "recall_distances", "loss_on", "curriculum_steps",
-              "recall_facts", "recall_queries", "recall_shift", "context_stride", "memory_layer",
-              "init_from")
+              "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
+              "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
+              "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
+              "dataset", "recall_distances", "loss_on", "curriculum_steps", "recall_facts",
+              "recall_queries", "recall_shift", "context_stride", "memory_layer", "init_from")
 
 
 class CodeTag(NamedTuple):
@@ -2756,13 +2747,14 @@ class CodeTag(NamedTuple):
 
 CLEANUP = CodeTag("options-before-cleanup", "06b7456")
 MEMORY_GRAD = CodeTag("memory-grad", "3cb4fc7")
+WARMUP = CodeTag("warmup-steps", "81bdb27")
 # Options that lost (experiments/LOG.md), their defaults, and the code that still has them: a
 # checkpoint made with another value needs that code
 REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEANUP),
                    "content_mode_bias": (0.0, CLEANUP), "temporal_links_from": (0, CLEANUP),
                    "query_opens_segment": (False, CLEANUP), "read_strength_bias": (0.0, CLEANUP),
                    "recall_queries_from": (0, CLEANUP), "routing_stride": (1, CLEANUP),
-                   "memory_grad": ("all", MEMORY_GRAD)}
+                   "memory_grad": ("all", MEMORY_GRAD), "warmup_steps": (0, WARMUP)}
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
 
@@ -3223,12 +3215,9 @@ def step_data(task, cfg, step):
 
 
 def learning_rate(cfg, step, total_steps):
-    """A linear rise to `lr` over the first warmup_steps, constant `lr` before step
-    lr_decay_from, then a half cosine from `lr` at lr_decay_from to `min_lr` at total_steps.
-    At a constant rate the recall checks swing by up to 0.3 from one check to the next
-    (Results: Q2, P3); the decay lets the last steps settle."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * step / cfg.warmup_steps
+    """Constant `lr` before step lr_decay_from, then a half cosine from `lr` at lr_decay_from
+    to `min_lr` at total_steps. At a constant rate the recall checks swing by up to 0.3 from
+    one check to the next (Results: Q2, P3); the decay lets the last steps settle."""
     if not cfg.lr_decay_from or step < cfg.lr_decay_from:
         return cfg.lr
     progress = (step - cfg.lr_decay_from) / max(1, total_steps - cfg.lr_decay_from)

@@ -518,18 +518,22 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_the_tag(tmp_path, ol
         assert f"--{name}={value}" in message
 
 
-def test_a_checkpoint_of_memory_grad_answers_is_refused_naming_its_own_tag(tmp_path):
+@pytest.mark.parametrize("name, value, default, code", [
+    ("memory_grad", "answers", "all", "git tag memory-grad (commit 3cb4fc7)"),
+    ("warmup_steps", 250, 0, "git tag warmup-steps (commit 81bdb27)")])
+def test_a_checkpoint_of_an_option_removed_later_is_refused_naming_its_own_tag(
+        tmp_path, name, value, default, code):
     cfg = D.Config(**RECALL)
-    made = {**dataclasses.asdict(cfg), "memory_grad": "answers"}
+    made = {**dataclasses.asdict(cfg), name: value}
     path = saved_config(tmp_path / "GPT2_+_DNC_step1.pt", made)
     with pytest.raises(D.ConfigError) as error:
         D.load_checkpoint(path, cfg, None)
     message = str(error.value)
-    assert len(message.splitlines()) == 1 and "--memory_grad=answers" in message
-    assert "git tag memory-grad (commit 3cb4fc7)" in message
+    assert len(message.splitlines()) == 1 and f"--{name}={value}" in message
+    assert code in message
     assert "options-before-cleanup" not in message
     # at its default it was the code of today
-    path = saved_config(tmp_path / "GPT2_+_DNC_step2.pt", {**made, "memory_grad": "all"})
+    path = saved_config(tmp_path / "GPT2_+_DNC_step2.pt", {**made, name: default})
     assert D.load_checkpoint(path, cfg, None)["global_step"] == 1
 
 

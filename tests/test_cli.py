@@ -139,8 +139,6 @@ def run_main(root, args):
     (["--lr=0"], "lr"),
     (["--lr=-1"], "lr"),
     (["--lr_decay_from=-1"], "lr_decay_from"),
-    (["--warmup_steps=-1"], "warmup_steps"),
-    (["--warmup_steps=20", "--lr_decay_from=10"], "warmup_steps"),
     (["--min_lr=3e-4"], "min_lr"),
     (["--lambda_routing=-0.1"], "lambda_routing"),
     (["--lambda_entropy=-1"], "lambda_entropy"),

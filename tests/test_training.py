@@ -72,20 +72,6 @@ def test_learning_rate_is_constant_then_a_half_cosine_down_to_min_lr():
     assert {D.learning_rate(D.Config(lr=1e-3), s, 30) for s in range(1, 31)} == {1e-3}
 
 
-def test_learning_rate_rises_linearly_over_warmup_steps_then_follows_the_schedule():
-    """warmup_steps: lr · s / N at steps s < N, written as a sum of N equal increments; from
-    step N the schedule without warmup, decay included."""
-    cfg = D.Config(lr=1e-3, min_lr=1e-4, warmup_steps=8, lr_decay_from=11)
-    plain = dataclasses.replace(cfg, warmup_steps=0)
-    for step in range(1, 31):
-        rate = D.learning_rate(cfg, step, 30)
-        if step < 8:
-            assert abs(rate - sum([1e-3 / 8] * step)) < 1e-15
-        else:
-            assert rate == D.learning_rate(plain, step, 30)
-    assert D.learning_rate(cfg, 7, 30) < D.learning_rate(cfg, 8, 30) == 1e-3
-
-
 def train_model_watching(cfg, use_dnc, watch):
     """train_model on random tokens; watch(optimizer) just before each AdamW step, as a list."""
     seen = []
@@ -102,11 +88,11 @@ def train_model_watching(cfg, use_dnc, watch):
 
 def test_every_optimizer_step_of_train_model_takes_the_scheduled_rate():
     """The rate each AdamW step actually used, seen from inside the optimizer."""
-    cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 6, "warmup_steps": 2,
-                      "lr_decay_from": 3, "min_lr": 1e-3, "save_every_steps": 100})
+    cfg = D.Config(**{**PAIRED, "zero_read_proj": False, "max_steps": 6, "lr_decay_from": 3,
+                      "min_lr": 1e-3, "save_every_steps": 100})
     used = train_model_watching(cfg, False, lambda optimizer: optimizer.param_groups[0]["lr"])
     assert used == [D.learning_rate(cfg, step, 6) for step in range(1, 7)]
-    assert used[0] == cfg.lr / 2 and used[1] == cfg.lr and used[-1] == cfg.min_lr
+    assert used[0] == cfg.lr and used[-1] == cfg.min_lr
 
 
 def test_train_model_keeps_the_earlier_tokens_out_until_binding_from(monkeypatch):

@@ -50,12 +50,12 @@ SMALL = dict(hidden_size=128, num_layers=2, num_heads=4, mem_slots=32, mem_width
 def case_config(case, device="auto", kernel="auto", batch_size=0):
     """train | eval | loop, then optionally _small (recall sizes), _links, _norouting
     (lambda_routing=0, as the recall preset trains: no read-free LM head, no KL), _compiled."""
+    sizes = {**(SMALL if "_small" in case else {}),
+             **({"batch_size": batch_size} if batch_size else {})}
     return dnc_gpt2.Config(temporal_links="_links" in case,
                            use_compile=case.endswith("_compiled"), compile_mode="default",
-                           device=device, dnc_kernel=kernel,
-                           **(SMALL if "_small" in case else {}),
-                           **({"lambda_routing": 0.0} if "_norouting" in case else {}),
-                           **({"batch_size": batch_size} if batch_size else {}))
+                           device=device, dnc_kernel=kernel, **sizes,
+                           **({"lambda_routing": 0.0} if "_norouting" in case else {}))
 
 
 def synchronize(device):

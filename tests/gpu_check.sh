@@ -92,7 +92,7 @@ for links in (False, True):
           f"write weights {out.write_weights.dtype}, memory {out.memory_state.memory.dtype}",
           "ok" if out.memory_state.memory.dtype == torch.float32 else "NOT fp32")
 EOF
-step dnc_device 60 $PY "$OUT/dnc_device.py"
+step dnc_device 90 $PY "$OUT/dnc_device.py"
 sed 's/^/  /' "$OUT/dnc_device.log" | tee -a "$SUMMARY"
 
 # 0b. the Triton scan against the eager loop on CUDA: the tests' random states and interfaces

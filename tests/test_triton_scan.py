@@ -83,7 +83,7 @@ def outputs(scan, state, iface):
 def upstream(outs, seed=0):
     """A random gradient on every output: reads, write weights and the final state."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    return [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs]
 
 
 def outputs_and_grads(scan, state, iface):

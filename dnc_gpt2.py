@@ -115,6 +115,7 @@ class Config:
     recall_queries: int = 0
     recall_shift: bool = False
     binding_from: int = 0
+    one_fact_batch_size: int = 0
     data_dir: str = ""
     cache_dir: str = ".cache/"
     inspect_tokens: int = 32
@@ -280,6 +281,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "and no optimizer state, so training is that of interface_context=1); 0 = from the "
         "first step; validation and test always have both. The `recall` preset: 1501 "
         "(Results: E27, B1, P11, Y1)"),
+    "one_fact_batch_size": (
+        "recall: episodes per step before binding_from, where the lookup starts as storage "
+        "(0 = batch_size); more episodes give the write gate a less noisy gradient there "
+        "(Results: NT1, NT2)"),
     "recall_shift": (
         "recall: one segment more of padding filler, split at random between before the facts "
         "and after the queries, so that facts and queries sit anywhere in their segments "
@@ -613,6 +618,12 @@ def validate_config(cfg):
          "binding_from", f"binding_from={cfg.binding_from} changes the recall episodes and the "
          f"interface_context; with neither (dataset={cfg.dataset}, interface_context="
          f"{cfg.interface_context}) leave it at 0"),
+        (cfg.one_fact_batch_size >= 0, "one_fact_batch_size",
+         f"one_fact_batch_size={cfg.one_fact_batch_size} must be >= 0 (0 = batch_size)"),
+        (cfg.one_fact_batch_size == 0 or (cfg.dataset == "recall" and cfg.binding_from > 0),
+         "one_fact_batch_size", f"one_fact_batch_size={cfg.one_fact_batch_size} sizes the "
+         f"recall steps before binding_from; with dataset={cfg.dataset} and binding_from="
+         f"{cfg.binding_from} there are none, so leave it at 0"),
         (cfg.keep_checkpoints >= 0, "keep_checkpoints",
          f"keep_checkpoints={cfg.keep_checkpoints} must be >= 0 (0 = keep every checkpoint)"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
@@ -2735,8 +2746,9 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
               "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
-              "dataset", "recall_distances", "loss_on", "curriculum_steps", "recall_facts",
-              "recall_queries", "recall_shift", "context_stride", "memory_layer", "init_from")
+              "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
+              "curriculum_steps", "recall_facts", "recall_queries", "recall_shift",
+              "context_stride", "memory_layer", "init_from")
 
 
 class CodeTag(NamedTuple):
@@ -3068,6 +3080,15 @@ def unlocked_distances(cfg, step):
     return listed[:min(unlocked, len(listed))]
 
 
+def training_rows(cfg, step):
+    """Episodes per step: one_fact_batch_size before binding starts (0: batch_size), where the
+    start of storage is decided by a weak, consistent gradient on the write gate against the
+    noise of the batch (Results: NT1, NT2); batch_size from binding on."""
+    if cfg.one_fact_batch_size and not binding(cfg, step):
+        return cfg.one_fact_batch_size
+    return cfg.batch_size
+
+
 def training_facts(cfg, step):
     """One fact per episode before binding starts, which needs no binding of code to name, so
     the lookup starts as storage alone (Results: E27, E28, B1); recall_facts from it on."""
@@ -3164,10 +3185,11 @@ class RecallTask:
                         f"per distance, fresh training episodes at every step")
 
     def step_batches(self, step):
-        """The consecutive segments of batch_size fresh episodes; gradients flow through the
-        whole episode."""
+        """The consecutive segments of the step's fresh episodes (training_rows); gradients flow
+        through the whole episode."""
         cfg = self.cfg
-        episodes = self.episodes.train_batch(step, cfg.batch_size, unlocked_distances(cfg, step),
+        episodes = self.episodes.train_batch(step, training_rows(cfg, step),
+                                             unlocked_distances(cfg, step),
                                              training_queries(cfg, step),
                                              training_facts(cfg, step), training_shift(cfg, step))
         batches, masks = zip(*episode_segments(episodes, cfg.seq_len))

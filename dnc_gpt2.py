@@ -528,9 +528,9 @@ def nearest_existing_dir(path):
 def validate_config(cfg):
     """Check every field before any work: bad input never starts training or touches a file."""
     positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
-                "mem_width", "num_reads", "memory_banks", "batch_size", "seq_len", "log_every_steps",
-                "save_every_steps", "inspect_tokens", "grad_accum_steps", "bptt_segments",
-                "recall_facts", "max_new_tokens"]
+                "mem_width", "num_reads", "memory_banks", "batch_size", "seq_len",
+                "log_every_steps", "save_every_steps", "inspect_tokens", "grad_accum_steps",
+                "bptt_segments", "recall_facts", "max_new_tokens"]
     if not 0 <= cfg.recall_queries <= cfg.recall_facts:
         raise ConfigError(f"--recall_queries={cfg.recall_queries}: must lie between 0 (every "
                           f"fact) and recall_facts={cfg.recall_facts}")

@@ -67,7 +67,6 @@ class Config:
     mem_slots: int = 64
     mem_width: int = 128
     num_reads: int = 4
-    memory_banks: int = 1
     temporal_links: bool = False
     carry_memory: bool = False
     bptt_segments: int = 1
@@ -182,11 +181,6 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "mem_slots": "N, memory rows",
     "mem_width": "W, memory row width",
     "num_reads": "R, read heads",
-    "memory_banks": (
-        "K, independent DNC memories read at every token, each with its own interface (its "
-        "write gate, keys and R read heads) and N slots; their K R reads enter read_proj side "
-        "by side. The write gate is the start's single point of failure on recall "
-        "(experiments/LOG.md, session 25), and each bank has its own"),
     "temporal_links": (
         "True: the paper's link matrix, precedence and backward/content/forward read modes"),
     "carry_memory": (
@@ -528,9 +522,9 @@ def nearest_existing_dir(path):
 def validate_config(cfg):
     """Check every field before any work: bad input never starts training or touches a file."""
     positive = ["hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "mem_slots",
-                "mem_width", "num_reads", "memory_banks", "batch_size", "seq_len",
-                "log_every_steps", "save_every_steps", "inspect_tokens", "grad_accum_steps",
-                "bptt_segments", "recall_facts", "max_new_tokens"]
+                "mem_width", "num_reads", "batch_size", "seq_len", "log_every_steps",
+                "save_every_steps", "inspect_tokens", "grad_accum_steps", "bptt_segments",
+                "recall_facts", "max_new_tokens"]
     if not 0 <= cfg.recall_queries <= cfg.recall_facts:
         raise ConfigError(f"--recall_queries={cfg.recall_queries}: must lie between 0 (every "
                           f"fact) and recall_facts={cfg.recall_facts}")
@@ -565,9 +559,6 @@ def validate_config(cfg):
          f"lambda_routing={cfg.lambda_routing} must be a finite number >= 0"),
         (0 <= cfg.lambda_entropy < math.inf, "lambda_entropy",
          f"lambda_entropy={cfg.lambda_entropy} must be a finite number >= 0"),
-        (cfg.memory_banks == 1 or cfg.lambda_routing == cfg.lambda_entropy == 0, "memory_banks",
-         f"memory_banks={cfg.memory_banks} needs lambda_routing=0 and lambda_entropy=0: those "
-         f"losses are defined for one write gate (the lookup settings set both to 0)"),
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.allocation_gate_bias), "allocation_gate_bias",
          f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
@@ -2237,46 +2228,30 @@ def earlier_tokens(h, k):
     return torch.cat([F.pad(h, (0, 0, j, 0))[..., :length, :] for j in range(1, k + 1)], -1)
 
 
-def banks_in_batch(x, k):
-    """(B, T, K S) -> (B K, T, S): bank k of row b becomes row b K + k."""
-    return x.unflatten(-1, (k, -1)).transpose(1, 2).flatten(0, 1)
-
-
-def banks_side_by_side(x, k):
-    """(B K, T, H, W) -> (B, T, K H, W): the inverse of banks_in_batch, heads bank by bank."""
-    return x.unflatten(0, (-1, k)).transpose(1, 2).flatten(2, 3)
-
-
 class MemoryOutput(NamedTuple):
-    reads: torch.Tensor  # r (B, T, K R, W): the K banks' R heads each, bank by bank
-    write_gate: torch.Tensor  # g^w (B, T), the mean over the K banks
-    write_weights: torch.Tensor  # w^w (B, T, K N): the banks' slots side by side
-    state: DNCState  # after the last token, the banks stacked in the batch: row b K + k
+    reads: torch.Tensor  # r (B, T, R, W)
+    write_gate: torch.Tensor  # g^w (B, T)
+    write_weights: torch.Tensor  # w^w (B, T, N)
+    state: DNCState  # after the last token
 
 
 class DNCMemory(nn.Module):
-    """The interface layer from the controller output h_t, and the loop of dnc_step over tokens.
-
-    With K = memory_banks > 1, K memories run side by side on the same h_t, each with its own
-    rows of the interface projection; they share nothing else. The scans see them as K times
-    the batch, so every scan route runs them unchanged."""
+    """The interface layer from the controller output h_t, and the loop of dnc_step over tokens."""
 
     def __init__(self, cfg):
         super().__init__()
         self.N, self.W, self.R = cfg.mem_slots, cfg.mem_width, cfg.num_reads
-        self.K = cfg.memory_banks
         self.links = cfg.temporal_links
         # k^w, β^w, e, v (3W + 1), f (R), g^a, g^w (2), k^r (RW), β^r (R), π (3R with links)
         sizes = [self.W, 1, self.W, self.W, self.R, 1, 1, self.R * self.W, self.R]
         self.sizes = sizes + ([3 * self.R] if self.links else [])
-        # g^a's and g^w's rows of the interface projection, one per bank
-        self.allocation_gate_rows = [k * sum(self.sizes) + sum(sizes[:5]) for k in range(self.K)]
-        self.write_gate_rows = [k * sum(self.sizes) + sum(sizes[:6]) for k in range(self.K)]
-        self.interface_proj = nn.Linear(cfg.hidden_size, self.K * sum(self.sizes))
+        self.allocation_gate_index = sum(sizes[:5])  # g^a's row of the interface projection
+        self.write_gate_index = sum(sizes[:6])  # g^w's row
+        self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
         self.context = cfg.interface_context
         if self.context > 1:  # zero: the earlier tokens' share is learnt from the k = 1 start
             self.context_proj = nn.Linear((self.context - 1) * cfg.hidden_size,
-                                          self.K * sum(self.sizes), bias=False)
+                                          sum(self.sizes), bias=False)
             nn.init.zeros_(self.context_proj.weight)
         # use_compile compiles one step on its own and keeps the loop over tokens in Python:
         # the compiler then neither unrolls T steps nor recompiles per step (shapes are fixed)
@@ -2287,13 +2262,10 @@ class DNCMemory(nn.Module):
         """Activated interface values from hidden states (..., hidden); with interface_context
         k > 1, (..., T, hidden) of one segment in order:
         x_t = W h_t + b + sum_{j=1..k-1} W_j h_{t-j}, with h_{t-j} = 0 before the first token.
-        context=False leaves the W_j out of the graph (before binding_from).
-        K banks: h (B, T, hidden) gives the interface of (B K, T, ...), row b K + k bank k's."""
+        context=False leaves the W_j out of the graph (before binding_from)."""
         pre = self.interface_proj(h)
         if self.context > 1 and context:
             pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
-        if self.K > 1:
-            pre = banks_in_batch(pre, self.K)
         parts = pre.split(self.sizes, dim=-1)
         k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
         modes = torch.softmax(parts[9].unflatten(-1, (self.R, 3)), dim=-1) if self.links else None
@@ -2303,7 +2275,7 @@ class DNCMemory(nn.Module):
 
     def initial_state(self, batch_size, device=None, dtype=torch.float32):
         def zeros(*shape):
-            return torch.zeros(batch_size * self.K, *shape, device=device, dtype=dtype)
+            return torch.zeros(batch_size, *shape, device=device, dtype=dtype)
 
         links = (zeros(self.N, self.N), zeros(self.N)) if self.links else (None, None)
         return DNCState(zeros(self.N, self.W), zeros(self.N), zeros(self.N),
@@ -2312,8 +2284,8 @@ class DNCMemory(nn.Module):
     @torch.compiler.disable  # a compiled model calls the loop as it is (see self.step)
     @torch.autocast("cuda", enabled=False)  # fp32 always: products of usages underflow in bf16
     def forward(self, h, state=None, context=True):
-        """h (B, T, hidden), from `state` (None: empty) -> MemoryOutput: reads (B, T, K R, W),
-        write gates (B, T), write weights (B, T, K N) and the state after the last token."""
+        """h (B, T, hidden), from `state` (None: empty) -> MemoryOutput: reads (B, T, R, W),
+        write gates (B, T), write weights (B, T, N) and the state after the last token."""
         h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         iface = self.interface(h, context)  # one matmul and one set of activations for all T
         if state is None:
@@ -2322,11 +2294,7 @@ class DNCMemory(nn.Module):
         scan = triton_scan if route == "triton" else fused_scan if route == "fused" else \
             self.eager_scan
         reads, write_weights, state = scan(state, iface)
-        gate = iface.write_gate[..., 0]
-        if self.K > 1:
-            reads, gate = banks_side_by_side(reads, self.K), gate.unflatten(0, (-1, self.K)).mean(1)
-            write_weights = banks_side_by_side(write_weights.unsqueeze(2), self.K).flatten(2)
-        return MemoryOutput(reads, gate, write_weights, state)
+        return MemoryOutput(reads, iface.write_gate[..., 0], write_weights, state)
 
     def eager_scan(self, state, iface):
         """The reference loop, one dnc_step per token, differentiated by autograd."""
@@ -2388,8 +2356,7 @@ class GPT2LM(nn.Module):
                 # block k's output is an unnormalised residual stream; ln_f normalises what
                 # the DNC sees at the head, and this LayerNorm does the same inside
                 self.memory_ln = nn.LayerNorm(cfg.hidden_size)
-            self.read_proj = nn.Linear(cfg.memory_banks * cfg.num_reads * cfg.mem_width,
-                                       cfg.hidden_size)
+            self.read_proj = nn.Linear(cfg.num_reads * cfg.mem_width, cfg.hidden_size)
             for layer in (self.memory.interface_proj, self.read_proj):
                 nn.init.normal_(layer.weight, std=0.02)  # GPT-2's initialisation scale
                 nn.init.zeros_(layer.bias)
@@ -2398,7 +2365,7 @@ class GPT2LM(nn.Module):
             # an allocation gate near 1 sends each write to a fresh slot, where g^a = 0.5 with
             # a soft write key smears half of it over every row alike, so the rows grow alike
             with torch.no_grad():
-                self.memory.interface_proj.bias[self.memory.allocation_gate_rows] = \
+                self.memory.interface_proj.bias[self.memory.allocation_gate_index] = \
                     cfg.allocation_gate_bias
 
     def forward(self, input_ids, memory_state=None, scored=None, context=True):
@@ -2775,8 +2742,8 @@ def recall_metrics(model, episodes_by_distance, cfg):
 MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 # a checkpoint made with other values of these cannot continue this run
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
-              "mem_slots", "mem_width", "num_reads", "memory_banks", "temporal_links", "batch_size",
-              "seq_len", "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
+              "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
+              "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
               "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
               "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
@@ -2793,13 +2760,15 @@ class CodeTag(NamedTuple):
 CLEANUP = CodeTag("options-before-cleanup", "06b7456")
 MEMORY_GRAD = CodeTag("memory-grad", "3cb4fc7")
 WARMUP = CodeTag("warmup-steps", "81bdb27")
+MEMORY_BANKS = CodeTag("memory-banks", "f8e99a3")
 # Options that lost (experiments/LOG.md), their defaults, and the code that still has them: a
 # checkpoint made with another value needs that code
 REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEANUP),
                    "content_mode_bias": (0.0, CLEANUP), "temporal_links_from": (0, CLEANUP),
                    "query_opens_segment": (False, CLEANUP), "read_strength_bias": (0.0, CLEANUP),
                    "recall_queries_from": (0, CLEANUP), "routing_stride": (1, CLEANUP),
-                   "memory_grad": ("all", MEMORY_GRAD), "warmup_steps": (0, WARMUP)}
+                   "memory_grad": ("all", MEMORY_GRAD), "warmup_steps": (0, WARMUP),
+                   "memory_banks": (1, MEMORY_BANKS)}
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
 

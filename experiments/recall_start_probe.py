@@ -8,9 +8,8 @@ token with `dnc_step` and reports, at the four answer positions:
 - the read weights' mass on the slots the fact's code digits were written to (code mass),
   and on the slot of the very digit being predicted (right mass), summed over the heads;
 - the read heads' β^r and the read weights' entropy over the slots (1 = uniform);
-- how large the memory's addition read_proj(r) is against the residual stream it joins (all
-  banks' reads together);
-and the write gate by token class; with memory_banks > 1, each of these per bank. A lookup that has started reads the right slot; one that
+- how large the memory's addition read_proj(r) is against the residual stream it joins;
+and the write gate by token class. A lookup that has started reads the right slot; one that
 has not reads them all alike (experiments/LOG.md, SK).
 """
 import json
@@ -44,32 +43,19 @@ def replay(model, episodes, cfg, context=False):
         for t in range(h.shape[1]):
             read, state = D.dnc_step(state, D.DNCInterface(
                 *(None if x is None else x[:, t] for x in iface)))
-            banks = model.memory.K  # rows b K + k: bank k of episode b (DNCMemory)
-            added = model.read_proj(read.unflatten(0, (-1, banks)).flatten(1)).norm(dim=-1)
             rows.append(dict(read_weights=state.read_weights, write_weights=state.write_weights,
                              write_gate=iface.write_gate[:, t, 0],
                              read_strengths=iface.read_strengths[:, t],
-                             residual=h[:, t].norm(dim=-1).repeat_interleave(banks),
-                             added=added.repeat_interleave(banks)))
+                             residual=h[:, t].norm(dim=-1),
+                             added=model.read_proj(read.flatten(-2)).norm(dim=-1)))
     return {key: torch.stack([row[key] for row in rows], 1) for key in rows[0]}
 
 
 def start_signals(model, episodes, cfg, context=False):
     """The probe's figures for one model on one-fact episodes (module docstring); context:
-    whether the interface reads the earlier tokens, as in training from binding_from on.
-    With memory_banks K > 1, the figures of each bank, and the largest right mass of any."""
+    whether the interface reads the earlier tokens, as in training from binding_from on."""
     with torch.no_grad():
         run = replay(model, episodes, cfg, context)
-    banks = model.memory.K
-    if banks == 1:
-        return bank_signals(run, episodes)
-    per_bank = {f"bank {k}": bank_signals({key: x[k::banks] for key, x in run.items()}, episodes)
-                for k in range(banks)}
-    return {**per_bank, "right mass": max(b["right mass"] for b in per_bank.values())}
-
-
-def bank_signals(run, episodes):
-    """The figures of one memory, its replay `run` with one row per episode."""
     classes = episodes.classes[:, :-1].long()
     code = D.TOKEN_CLASSES.index("fact code")
     signals = {f"gate {name}": run["write_gate"][classes == i].mean().item()

@@ -634,62 +634,6 @@ def test_memory_is_causal(links, k, kernel, context):
         assert (a[:, k:] - b[:, k:]).abs().max() > 1e-6  # the change does reach position k
 
 
-@KERNELS
-@pytest.mark.parametrize("context", [1, 3])
-def test_memory_banks_are_independent_memories_side_by_side(kernel, context):
-    """K banks equal K one-bank memories, each with its own slice of the interface rows, run
-    apart from the same h and carried on from a random state; their outputs side by side."""
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny_cfg(False, kernel), memory_banks=3, interface_context=context)
-    banks = D.DNCMemory(cfg).double().eval()
-    if context > 1:
-        torch.nn.init.normal_(banks.context_proj.weight, std=0.3)
-    one = dataclasses.replace(cfg, memory_banks=1)
-    singles = [D.DNCMemory(one).double().eval() for _ in range(3)]
-    size = sum(banks.sizes)
-    for k, single in enumerate(singles):
-        rows = slice(k * size, (k + 1) * size)
-        single.interface_proj.weight.data = banks.interface_proj.weight.data[rows]
-        single.interface_proj.bias.data = banks.interface_proj.bias.data[rows]
-        if context > 1:
-            single.context_proj.weight.data = banks.context_proj.weight.data[rows]
-    h = random_h(cfg, batch=2, length=5, dtype=torch.float64)
-    start = singles[0].initial_state(2, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(4)
-    starts = [D.DNCState(*(torch.rand(x.shape, generator=gen, dtype=x.dtype) for x in start[:4]),
-                         None, None) for _ in range(3)]
-    stacked = D.DNCState(*(torch.stack([s[i] for s in starts], 1).flatten(0, 1)
-                           for i in range(4)), None, None)  # row b K + k: bank k of row b
-    with torch.no_grad():
-        out = banks(h, stacked)
-        apart = [single(h, state) for single, state in zip(singles, starts)]
-    n, r = cfg.mem_slots, cfg.num_reads
-    assert out.reads.shape == (2, 5, 3 * r, cfg.mem_width)
-    assert out.write_weights.shape == (2, 5, 3 * n) and out.write_gate.shape == (2, 5)
-    for k, single in enumerate(apart):
-        torch.testing.assert_close(out.reads[:, :, k * r:(k + 1) * r], single.reads)
-        torch.testing.assert_close(out.write_weights[..., k * n:(k + 1) * n], single.write_weights)
-        torch.testing.assert_close(out.state.memory[k::3], single.state.memory)
-        torch.testing.assert_close(out.state.usage[k::3], single.state.usage)
-    torch.testing.assert_close(out.write_gate, sum(a.write_gate for a in apart) / 3)
-    assert (apart[0].reads - apart[1].reads).abs().max() > 1e-3  # the banks do differ
-
-
-def test_memory_banks_are_causal():
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny_cfg(False), memory_banks=2, interface_context=3)
-    mem = D.DNCMemory(cfg).eval()
-    torch.nn.init.normal_(mem.context_proj.weight, std=0.3)
-    h = random_h(cfg, batch=2, length=6)
-    changed = h.clone()
-    changed[:, 3] += 1.0
-    with torch.no_grad():
-        before, after = mem(h), mem(changed)
-    for a, b in zip(before[:3], after[:3]):
-        assert (a[:, :3] - b[:, :3]).abs().max() <= 1e-6
-        assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-6
-
-
 # ----------------------------------------------------------------------------------------
 # 6. Gradients of the whole step: float64 gradcheck
 # ----------------------------------------------------------------------------------------

@@ -173,29 +173,6 @@ def test_the_probe_measures_the_reads_at_the_answers(probed):
     assert all(0 < signals[f"gate {c}"] < 1 for c in ("filler", "fact code", "fact name"))
 
 
-def test_the_probe_replays_each_memory_bank_and_reports_it(tmp_path):
-    assert D.main([*PROBE_ARGS, "--memory_banks=2", *dirs(tmp_path)]) == 0
-    model, cfg, _ = recall_start_probe.load_dnc(final_dnc_checkpoint(tmp_path))
-    episodes = recall_start_probe.probe_episodes(cfg, D.load_tokenizer())
-    with torch.no_grad():
-        run = recall_start_probe.replay(model, episodes, cfg)
-        state, writes = None, []
-        for ids, _ in D.episode_segments(episodes, cfg.seq_len):
-            out = model(ids[:, :-1], memory_state=state, context=False)
-            state = out.memory_state
-            writes.append(out.write_weights)
-    writes, n = torch.cat(writes, 1), cfg.mem_slots
-    for k in range(2):  # replay row b K + k is bank k of episode b, as in the model
-        torch.testing.assert_close(run["write_weights"][k::2], writes[..., k * n:(k + 1) * n],
-                                   rtol=0, atol=1e-5)
-    signals = recall_start_probe.start_signals(model, episodes, cfg)
-    banks = [recall_start_probe.bank_signals({key: x[k::2] for key, x in run.items()}, episodes)
-             for k in range(2)]
-    assert signals["bank 0"] == banks[0] and signals["bank 1"] == banks[1]
-    assert banks[0]["right mass"] != banks[1]["right mass"]
-    assert signals["right mass"] == max(b["right mass"] for b in banks)
-
-
 def test_the_probe_refuses_what_it_cannot_probe_with_exit_2(probed, script_run, capsys):
     path, _ = probed
     at_head, _ = script_run  # num_layers=1: the DNC reads at the head

@@ -71,6 +71,7 @@ class Config:
     carry_memory: bool = False
     bptt_segments: int = 1
     controller_grad: float = 0.0
+    write_gate_grad: float = 1.0
     zero_read_proj: bool = False
     tie_embeddings: bool = True
     allocation_gate_bias: float = 0.0
@@ -195,6 +196,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "state: 1 = all of it, 0 = none (GPT-2 is then a fixed feature extractor for the "
         "memory's addressing; the reads still train GPT-2 through the logits). 0 by "
         "measurement on wt2-mini (Results); the `recall` preset sets 1"),
+    "write_gate_grad": (
+        "scale, on top of controller_grad, of the gradient that flows from the write gate "
+        "alone into GPT-2's hidden state: 0 = the gate's own row still learns, but GPT-2 is not "
+        "moved to open or shut it (experiments/LOG.md, session 25)"),
     "allocation_gate_bias": (
         "initial bias of the allocation gate's logit (g^a = sigmoid(… + bias)); positive "
         "starts every write in a fresh slot instead of half of it smeared over the rows its "
@@ -562,6 +567,9 @@ def validate_config(cfg):
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.allocation_gate_bias), "allocation_gate_bias",
          f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
+        (0 <= cfg.write_gate_grad <= 1, "write_gate_grad",
+         f"write_gate_grad={cfg.write_gate_grad} must lie in [0, 1] (1: as every other "
+         f"interface output)"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
          f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
          f"from the memory's interface into GPT-2, 1: all of it)"),
@@ -2248,6 +2256,7 @@ class DNCMemory(nn.Module):
         self.allocation_gate_index = sum(sizes[:5])  # g^a's row of the interface projection
         self.write_gate_index = sum(sizes[:6])  # g^w's row
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
+        self.gate_grad = cfg.write_gate_grad
         self.context = cfg.interface_context
         if self.context > 1:  # zero: the earlier tokens' share is learnt from the k = 1 start
             self.context_proj = nn.Linear((self.context - 1) * cfg.hidden_size,
@@ -2263,15 +2272,29 @@ class DNCMemory(nn.Module):
         k > 1, (..., T, hidden) of one segment in order:
         x_t = W h_t + b + sum_{j=1..k-1} W_j h_{t-j}, with h_{t-j} = 0 before the first token.
         context=False leaves the W_j out of the graph (before binding_from)."""
-        pre = self.interface_proj(h)
-        if self.context > 1 and context:
-            pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
+        pre = self.pre_activations(h, context)
+        if self.gate_grad != 1:
+            pre = self.gate_from_scaled_gradient(pre, h, context)
         parts = pre.split(self.sizes, dim=-1)
         k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
         modes = torch.softmax(parts[9].unflatten(-1, (self.R, 3)), dim=-1) if self.links else None
         return DNCInterface(k_w, oneplus(b_w), torch.sigmoid(e), v, torch.sigmoid(f),
                             torch.sigmoid(g_a), torch.sigmoid(g_w),
                             k_r.unflatten(-1, (self.R, self.W)), oneplus(b_r), modes)
+
+    def pre_activations(self, h, context):
+        pre = self.interface_proj(h)
+        if self.context > 1 and context:
+            pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
+        return pre
+
+    def gate_from_scaled_gradient(self, pre, h, context):
+        """pre with the write gate's pre-activation recomputed from h whose gradient is scaled
+        by write_gate_grad: the same value, and its row learns as before, but the gate cannot
+        recruit GPT-2's hidden states to shut it (experiments/LOG.md, GG0)."""
+        gate = self.pre_activations(scale_gradient(h, self.gate_grad), context)
+        row = self.write_gate_index
+        return torch.cat([pre[..., :row], gate[..., row:row + 1], pre[..., row + 1:]], -1)
 
     def initial_state(self, batch_size, device=None, dtype=torch.float32):
         def zeros(*shape):
@@ -2744,7 +2767,8 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
-              "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
+              "seed", "carry_memory", "bptt_segments", "controller_grad", "write_gate_grad",
+              "zero_read_proj",
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
               "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_queries", "recall_shift",

@@ -71,7 +71,7 @@ class Config:
     carry_memory: bool = False
     bptt_segments: int = 1
     controller_grad: float = 0.0
-    write_gate_grad: float = 1.0
+    interface_grad: str = "all"
     zero_read_proj: bool = False
     tie_embeddings: bool = True
     allocation_gate_bias: float = 0.0
@@ -196,10 +196,11 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "state: 1 = all of it, 0 = none (GPT-2 is then a fixed feature extractor for the "
         "memory's addressing; the reads still train GPT-2 through the logits). 0 by "
         "measurement on wt2-mini (Results); the `recall` preset sets 1"),
-    "write_gate_grad": (
-        "scale, on top of controller_grad, of the gradient that flows from the write gate "
-        "alone into GPT-2's hidden state: 0 = the gate's own row still learns, but GPT-2 is not "
-        "moved to open or shut it (experiments/LOG.md, session 25)"),
+    "interface_grad": (
+        "which of the interface's outputs send their gradient into GPT-2's hidden state (scaled "
+        "by controller_grad): all, or keys (the write and read keys and their strengths only; "
+        "the gates, erase and write vectors still learn their own rows, but do not move GPT-2; "
+        "experiments/LOG.md, session 25)"),
     "allocation_gate_bias": (
         "initial bias of the allocation gate's logit (g^a = sigmoid(… + bias)); positive "
         "starts every write in a fresh slot instead of half of it smeared over the rows its "
@@ -567,9 +568,8 @@ def validate_config(cfg):
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.allocation_gate_bias), "allocation_gate_bias",
          f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
-        (0 <= cfg.write_gate_grad <= 1, "write_gate_grad",
-         f"write_gate_grad={cfg.write_gate_grad} must lie in [0, 1] (1: as every other "
-         f"interface output)"),
+        (cfg.interface_grad in ("all", "keys"), "interface_grad",
+         f"interface_grad={cfg.interface_grad!r}: use all or keys"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
          f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
          f"from the memory's interface into GPT-2, 1: all of it)"),
@@ -2256,7 +2256,11 @@ class DNCMemory(nn.Module):
         self.allocation_gate_index = sum(sizes[:5])  # g^a's row of the interface projection
         self.write_gate_index = sum(sizes[:6])  # g^w's row
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
-        self.gate_grad = cfg.write_gate_grad
+        # the interface columns that take their gradient into GPT-2 (interface_grad)
+        keys = [1, 1, 0, 0, 0, 0, 0, 1, 1] + [0] * (len(self.sizes) - 9)  # k^w β^w … k^r β^r
+        self.keys_only = cfg.interface_grad == "keys"
+        self.register_buffer("key_columns", torch.repeat_interleave(
+            torch.tensor(keys, dtype=torch.bool), torch.tensor(self.sizes)), persistent=False)
         self.context = cfg.interface_context
         if self.context > 1:  # zero: the earlier tokens' share is learnt from the k = 1 start
             self.context_proj = nn.Linear((self.context - 1) * cfg.hidden_size,
@@ -2273,8 +2277,8 @@ class DNCMemory(nn.Module):
         x_t = W h_t + b + sum_{j=1..k-1} W_j h_{t-j}, with h_{t-j} = 0 before the first token.
         context=False leaves the W_j out of the graph (before binding_from)."""
         pre = self.pre_activations(h, context)
-        if self.gate_grad != 1:
-            pre = self.gate_from_scaled_gradient(pre, h, context)
+        if self.keys_only:
+            pre = self.only_keys_reach_gpt2(pre, h, context)
         parts = pre.split(self.sizes, dim=-1)
         k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
         modes = torch.softmax(parts[9].unflatten(-1, (self.R, 3)), dim=-1) if self.links else None
@@ -2288,13 +2292,11 @@ class DNCMemory(nn.Module):
             pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
         return pre
 
-    def gate_from_scaled_gradient(self, pre, h, context):
-        """pre with the write gate's pre-activation recomputed from h whose gradient is scaled
-        by write_gate_grad: the same value, and its row learns as before, but the gate cannot
-        recruit GPT-2's hidden states to shut it (experiments/LOG.md, GG0)."""
-        gate = self.pre_activations(scale_gradient(h, self.gate_grad), context)
-        row = self.write_gate_index
-        return torch.cat([pre[..., :row], gate[..., row:row + 1], pre[..., row + 1:]], -1)
+    def only_keys_reach_gpt2(self, pre, h, context):
+        """pre with every column but the keys' recomputed from h detached: the same values,
+        every row learns as before, but only the addressing shapes GPT-2's hidden states, not
+        what is written, erased or gated (experiments/LOG.md, GK)."""
+        return torch.where(self.key_columns, pre, self.pre_activations(h.detach(), context))
 
     def initial_state(self, batch_size, device=None, dtype=torch.float32):
         def zeros(*shape):
@@ -2767,7 +2769,7 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
-              "seed", "carry_memory", "bptt_segments", "controller_grad", "write_gate_grad",
+              "seed", "carry_memory", "bptt_segments", "controller_grad", "interface_grad",
               "zero_read_proj",
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
               "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
@@ -2785,6 +2787,7 @@ CLEANUP = CodeTag("options-before-cleanup", "06b7456")
 MEMORY_GRAD = CodeTag("memory-grad", "3cb4fc7")
 WARMUP = CodeTag("warmup-steps", "81bdb27")
 MEMORY_BANKS = CodeTag("memory-banks", "f8e99a3")
+WRITE_GATE_GRAD = CodeTag("write-gate-grad", "c5c0f2d")
 # Options that lost (experiments/LOG.md), their defaults, and the code that still has them: a
 # checkpoint made with another value needs that code
 REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEANUP),
@@ -2792,7 +2795,7 @@ REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEA
                    "query_opens_segment": (False, CLEANUP), "read_strength_bias": (0.0, CLEANUP),
                    "recall_queries_from": (0, CLEANUP), "routing_stride": (1, CLEANUP),
                    "memory_grad": ("all", MEMORY_GRAD), "warmup_steps": (0, WARMUP),
-                   "memory_banks": (1, MEMORY_BANKS)}
+                   "memory_banks": (1, MEMORY_BANKS), "write_gate_grad": (1.0, WRITE_GATE_GRAD)}
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
 

@@ -71,7 +71,6 @@ class Config:
     carry_memory: bool = False
     bptt_segments: int = 1
     controller_grad: float = 0.0
-    interface_grad: str = "all"
     zero_read_proj: bool = False
     tie_embeddings: bool = True
     allocation_gate_bias: float = 0.0
@@ -196,11 +195,6 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "state: 1 = all of it, 0 = none (GPT-2 is then a fixed feature extractor for the "
         "memory's addressing; the reads still train GPT-2 through the logits). 0 by "
         "measurement on wt2-mini (Results); the `recall` preset sets 1"),
-    "interface_grad": (
-        "which of the interface's outputs send their gradient into GPT-2's hidden state (scaled "
-        "by controller_grad): all, or keys (the write and read keys and their strengths only; "
-        "the gates, erase and write vectors still learn their own rows, but do not move GPT-2; "
-        "experiments/LOG.md, session 25)"),
     "allocation_gate_bias": (
         "initial bias of the allocation gate's logit (g^a = sigmoid(… + bias)); positive "
         "starts every write in a fresh slot instead of half of it smeared over the rows its "
@@ -568,8 +562,6 @@ def validate_config(cfg):
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.allocation_gate_bias), "allocation_gate_bias",
          f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
-        (cfg.interface_grad in ("all", "keys"), "interface_grad",
-         f"interface_grad={cfg.interface_grad!r}: use all or keys"),
         (0 <= cfg.controller_grad < math.inf, "controller_grad",
          f"controller_grad={cfg.controller_grad} must be a finite number >= 0 (0: no gradient "
          f"from the memory's interface into GPT-2, 1: all of it)"),
@@ -2256,11 +2248,6 @@ class DNCMemory(nn.Module):
         self.allocation_gate_index = sum(sizes[:5])  # g^a's row of the interface projection
         self.write_gate_index = sum(sizes[:6])  # g^w's row
         self.interface_proj = nn.Linear(cfg.hidden_size, sum(self.sizes))
-        # the interface columns that take their gradient into GPT-2 (interface_grad)
-        keys = [1, 1, 0, 0, 0, 0, 0, 1, 1] + [0] * (len(self.sizes) - 9)  # k^w β^w … k^r β^r
-        self.keys_only = cfg.interface_grad == "keys"
-        self.register_buffer("key_columns", torch.repeat_interleave(
-            torch.tensor(keys, dtype=torch.bool), torch.tensor(self.sizes)), persistent=False)
         self.context = cfg.interface_context
         if self.context > 1:  # zero: the earlier tokens' share is learnt from the k = 1 start
             self.context_proj = nn.Linear((self.context - 1) * cfg.hidden_size,
@@ -2276,27 +2263,15 @@ class DNCMemory(nn.Module):
         k > 1, (..., T, hidden) of one segment in order:
         x_t = W h_t + b + sum_{j=1..k-1} W_j h_{t-j}, with h_{t-j} = 0 before the first token.
         context=False leaves the W_j out of the graph (before binding_from)."""
-        pre = self.pre_activations(h, context)
-        if self.keys_only:
-            pre = self.only_keys_reach_gpt2(pre, h, context)
+        pre = self.interface_proj(h)
+        if self.context > 1 and context:
+            pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
         parts = pre.split(self.sizes, dim=-1)
         k_w, b_w, e, v, f, g_a, g_w, k_r, b_r = parts[:9]
         modes = torch.softmax(parts[9].unflatten(-1, (self.R, 3)), dim=-1) if self.links else None
         return DNCInterface(k_w, oneplus(b_w), torch.sigmoid(e), v, torch.sigmoid(f),
                             torch.sigmoid(g_a), torch.sigmoid(g_w),
                             k_r.unflatten(-1, (self.R, self.W)), oneplus(b_r), modes)
-
-    def pre_activations(self, h, context):
-        pre = self.interface_proj(h)
-        if self.context > 1 and context:
-            pre = pre + self.context_proj(earlier_tokens(h, self.context - 1))
-        return pre
-
-    def only_keys_reach_gpt2(self, pre, h, context):
-        """pre with every column but the keys' recomputed from h detached: the same values,
-        every row learns as before, but only the addressing shapes GPT-2's hidden states, not
-        what is written, erased or gated (experiments/LOG.md, GK)."""
-        return torch.where(self.key_columns, pre, self.pre_activations(h.detach(), context))
 
     def initial_state(self, batch_size, device=None, dtype=torch.float32):
         def zeros(*shape):
@@ -2769,8 +2744,7 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
-              "seed", "carry_memory", "bptt_segments", "controller_grad", "interface_grad",
-              "zero_read_proj",
+              "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
               "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_queries", "recall_shift",
@@ -2788,6 +2762,7 @@ MEMORY_GRAD = CodeTag("memory-grad", "3cb4fc7")
 WARMUP = CodeTag("warmup-steps", "81bdb27")
 MEMORY_BANKS = CodeTag("memory-banks", "f8e99a3")
 WRITE_GATE_GRAD = CodeTag("write-gate-grad", "c5c0f2d")
+INTERFACE_GRAD = CodeTag("interface-grad", "c801b3b")
 # Options that lost (experiments/LOG.md), their defaults, and the code that still has them: a
 # checkpoint made with another value needs that code
 REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEANUP),
@@ -2795,7 +2770,8 @@ REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEA
                    "query_opens_segment": (False, CLEANUP), "read_strength_bias": (0.0, CLEANUP),
                    "recall_queries_from": (0, CLEANUP), "routing_stride": (1, CLEANUP),
                    "memory_grad": ("all", MEMORY_GRAD), "warmup_steps": (0, WARMUP),
-                   "memory_banks": (1, MEMORY_BANKS), "write_gate_grad": (1.0, WRITE_GATE_GRAD)}
+                   "memory_banks": (1, MEMORY_BANKS), "write_gate_grad": (1.0, WRITE_GATE_GRAD),
+                   "interface_grad": ("all", INTERFACE_GRAD)}
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
 

@@ -614,38 +614,6 @@ def test_interface_context_starts_as_the_current_token_alone_and_can_learn():
 # 5. Causality of the memory alone
 # ----------------------------------------------------------------------------------------
 
-@LINKS
-@pytest.mark.parametrize("context", [False, True])
-def test_interface_grad_keys_lets_only_the_keys_gradient_into_h(links, context):
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny_cfg(links), interface_context=3)
-    full = D.DNCMemory(cfg).double()
-    torch.nn.init.normal_(full.context_proj.weight, std=0.3)
-    keys = D.DNCMemory(dataclasses.replace(cfg, interface_grad="keys")).double()
-    keys.load_state_dict(full.state_dict())
-    h = random_h(cfg, batch=2, length=5, dtype=torch.float64).requires_grad_()
-    a, b = full.interface(h, context), keys.interface(h, context)
-    reach = {"write_key", "write_strength", "read_keys", "read_strengths"}
-    for name in D.DNCInterface._fields:
-        if getattr(a, name) is None:
-            continue
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
-        weights = torch.randn_like(getattr(a, name))
-        grad_a, = torch.autograd.grad((getattr(a, name) * weights).sum(), h, retain_graph=True)
-        grad_b, = torch.autograd.grad((getattr(b, name) * weights).sum(), h, retain_graph=True)
-        assert grad_a.abs().max() > 1e-3
-        if name in reach:
-            torch.testing.assert_close(grad_b, grad_a)
-        else:
-            assert grad_b.abs().max() == 0, name
-    # every row of the interface learns as before
-    loss_a = sum((x * x).sum() for x in a if x is not None)
-    loss_b = sum((x * x).sum() for x in b if x is not None)
-    grad_a, = torch.autograd.grad(loss_a, full.interface_proj.weight)
-    grad_b, = torch.autograd.grad(loss_b, keys.interface_proj.weight)
-    torch.testing.assert_close(grad_b, grad_a)
-
-
 @KERNELS
 @LINKS
 @pytest.mark.parametrize("k", [1, 3, 5])

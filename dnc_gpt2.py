@@ -116,7 +116,6 @@ class Config:
     recall_shift: bool = False
     binding_from: int = 0
     one_fact_batch_size: int = 0
-    forced_write_rate: float = 0.0
     data_dir: str = ""
     cache_dir: str = ".cache/"
     inspect_tokens: int = 32
@@ -286,10 +285,6 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "recall: episodes per step before binding_from, where the lookup starts as storage "
         "(0 = batch_size); more episodes give the write gate a less noisy gradient there "
         "(Results: NT1, NT2)"),
-    "forced_write_rate": (
-        "recall, in training before binding_from: the chance that a token's write gate is "
-        "forced to 1, so that a gate shut early still stores some of every kind of token for "
-        "the keys to learn from (experiments/LOG.md, session 25); 0: never"),
     "recall_shift": (
         "recall: one segment more of padding filler, split at random between before the facts "
         "and after the queries, so that facts and queries sit anywhere in their segments "
@@ -628,12 +623,6 @@ def validate_config(cfg):
         (cfg.one_fact_batch_size == 0 or (cfg.dataset == "recall" and cfg.binding_from > 0),
          "one_fact_batch_size", f"one_fact_batch_size={cfg.one_fact_batch_size} sizes the "
          f"recall steps before binding_from; with dataset={cfg.dataset} and binding_from="
-         f"{cfg.binding_from} there are none, so leave it at 0"),
-        (0 <= cfg.forced_write_rate < 1, "forced_write_rate",
-         f"forced_write_rate={cfg.forced_write_rate} must lie in [0, 1)"),
-        (cfg.forced_write_rate == 0 or (cfg.dataset == "recall" and cfg.binding_from > 0),
-         "forced_write_rate", f"forced_write_rate={cfg.forced_write_rate} acts on the recall "
-         f"steps before binding_from; with dataset={cfg.dataset} and binding_from="
          f"{cfg.binding_from} there are none, so leave it at 0"),
         (cfg.keep_checkpoints >= 0, "keep_checkpoints",
          f"keep_checkpoints={cfg.keep_checkpoints} must be >= 0 (0 = keep every checkpoint)"),
@@ -2239,14 +2228,6 @@ def earlier_tokens(h, k):
     return torch.cat([F.pad(h, (0, 0, j, 0))[..., :length, :] for j in range(1, k + 1)], -1)
 
 
-def force_writes(write_gate, rate):
-    """g^w with each token's gate set to 1 with probability `rate`: a gate shut on the codes
-    then still stores some of them at full strength, in their own slots, and the keys can
-    learn to find them; where it is forced the gate passes no gradient to its logit."""
-    forced = torch.rand(write_gate.shape, device=write_gate.device) < rate
-    return torch.where(forced, torch.ones_like(write_gate), write_gate)
-
-
 class MemoryOutput(NamedTuple):
     reads: torch.Tensor  # r (B, T, R, W)
     write_gate: torch.Tensor  # g^w (B, T)
@@ -2302,14 +2283,11 @@ class DNCMemory(nn.Module):
 
     @torch.compiler.disable  # a compiled model calls the loop as it is (see self.step)
     @torch.autocast("cuda", enabled=False)  # fp32 always: products of usages underflow in bf16
-    def forward(self, h, state=None, context=True, forced_writes=0.0):
+    def forward(self, h, state=None, context=True):
         """h (B, T, hidden), from `state` (None: empty) -> MemoryOutput: reads (B, T, R, W),
-        write gates (B, T), write weights (B, T, N) and the state after the last token;
-        forced_writes: the chance that a token's write gate is forced to 1."""
+        write gates (B, T), write weights (B, T, N) and the state after the last token."""
         h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         iface = self.interface(h, context)  # one matmul and one set of activations for all T
-        if forced_writes:
-            iface = iface._replace(write_gate=force_writes(iface.write_gate, forced_writes))
         if state is None:
             state = self.initial_state(h.shape[0], h.device, h.dtype)
         route = scan_route(self.kernel, h.device.type)
@@ -2390,13 +2368,12 @@ class GPT2LM(nn.Module):
                 self.memory.interface_proj.bias[self.memory.allocation_gate_index] = \
                     cfg.allocation_gate_bias
 
-    def forward(self, input_ids, memory_state=None, scored=None, context=True, forced_writes=0.0):
+    def forward(self, input_ids, memory_state=None, scored=None, context=True):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
 
         scored (B, T) bool: compute the logits only at these positions, as (K, V) in row-major
         order (loss_on=answers); the LM head over 50,257 classes is then nearly free.
         context: whether the DNC's interface reads the earlier tokens (binding_from).
-        forced_writes: the chance that a token's write gate is forced to 1 (forced_write_rate).
         """
         with self.autocast(input_ids.device):
             h, memory = self.embed(input_ids), None
@@ -2404,14 +2381,13 @@ class GPT2LM(nn.Module):
                 h = block(h)
                 if self.use_dnc and k == self.memory_layer < len(self.transformer.h):
                     # causal: the DNC at token t has seen block k's outputs at tokens <= t only
-                    h, memory = self.read_and_add(h, self.memory_ln(h), memory_state, context,
-                                                  forced_writes)
+                    h, memory = self.read_and_add(h, self.memory_ln(h), memory_state, context)
             h = self.transformer.ln_f(h)
             if not self.use_dnc:
                 return LMOutput(self.lm_head(at_scored(h, scored)))
             x, nomem_logits = h, None
             if memory is None:  # at the head: h itself is the read-free twin of x
-                x, memory = self.read_and_add(h, h, memory_state, context, forced_writes)
+                x, memory = self.read_and_add(h, h, memory_state, context)
                 if not self.training or self.routing:  # the routing target and mem_kl only
                     with torch.no_grad():
                         nomem_logits = self.lm_head(at_scored(h, scored))
@@ -2425,10 +2401,10 @@ class GPT2LM(nn.Module):
         wte, wpe = self.transformer.wte, self.transformer.wpe
         return self.transformer.drop(wte(input_ids) + wpe(positions))
 
-    def read_and_add(self, residual, controller, memory_state, context, forced_writes=0.0):
+    def read_and_add(self, residual, controller, memory_state, context):
         """residual + read_proj(r_t), with r_t read by the DNC driven by `controller`."""
         controller = scale_gradient(controller, self.controller_grad)
-        memory = self.memory(controller, memory_state, context, forced_writes)
+        memory = self.memory(controller, memory_state, context)
         return residual + self.read_proj(memory.reads.flatten(-2)), memory
 
     def autocast(self, device):
@@ -2770,7 +2746,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
               "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
-              "one_fact_batch_size", "forced_write_rate", "dataset", "recall_distances", "loss_on",
+              "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_queries", "recall_shift",
               "context_stride", "memory_layer", "init_from")
 
@@ -2787,6 +2763,7 @@ WARMUP = CodeTag("warmup-steps", "81bdb27")
 MEMORY_BANKS = CodeTag("memory-banks", "f8e99a3")
 WRITE_GATE_GRAD = CodeTag("write-gate-grad", "c5c0f2d")
 INTERFACE_GRAD = CodeTag("interface-grad", "c801b3b")
+FORCED_WRITE_RATE = CodeTag("forced-write-rate", "69f98b5")
 # Options that lost (experiments/LOG.md), their defaults, and the code that still has them: a
 # checkpoint made with another value needs that code
 REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEANUP),
@@ -2795,7 +2772,8 @@ REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEA
                    "recall_queries_from": (0, CLEANUP), "routing_stride": (1, CLEANUP),
                    "memory_grad": ("all", MEMORY_GRAD), "warmup_steps": (0, WARMUP),
                    "memory_banks": (1, MEMORY_BANKS), "write_gate_grad": (1.0, WRITE_GATE_GRAD),
-                   "interface_grad": ("all", INTERFACE_GRAD)}
+                   "interface_grad": ("all", INTERFACE_GRAD),
+                   "forced_write_rate": (0.0, FORCED_WRITE_RATE)}
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
 
@@ -3119,13 +3097,6 @@ def training_rows(cfg, step):
     return cfg.batch_size
 
 
-def forced_writes(cfg, step):
-    """The chance that a token's write gate is forced to 1 at this step: forced_write_rate
-    before binding_from, where a gate that shuts on the codes early never reopens (LP1, SC)
-    unless some codes stay stored for the keys to learn from; never from binding on."""
-    return 0.0 if binding(cfg, step) else cfg.forced_write_rate
-
-
 def training_facts(cfg, step):
     """One fact per episode before binding starts, which needs no binding of code to name, so
     the lookup starts as storage alone (Results: E27, E28, B1); recall_facts from it on."""
@@ -3266,12 +3237,11 @@ class StepData(NamedTuple):
     batches: list  # (B, T + 1) token ids, in order (carry_memory: consecutive segments)
     scored: list  # per batch, the (B, T) targets of the LM loss; None: every target
     context: bool  # whether the DNC's interface reads the earlier tokens (binding_from)
-    forced_writes: float  # the chance of a write gate forced to 1 (forced_write_rate)
 
 
 def step_data(task, cfg, step):
     """What the task trains on at this step, with the step's settings."""
-    return StepData(*task.step_batches(step), binding(cfg, step), forced_writes(cfg, step))
+    return StepData(*task.step_batches(step), binding(cfg, step))
 
 
 def learning_rate(cfg, step, total_steps):
@@ -3300,14 +3270,13 @@ def scored_count(batch, mask):
     return batch[:, 1:].numel() if mask is None else int(mask.sum())
 
 
-def forward_batch(runner, batch, mask, state, context, device, forced=0.0):
+def forward_batch(runner, batch, mask, state, context, device):
     """The model's output on one batch and the targets it is scored on."""
     batch = batch.to(device)
     mask = mask.to(device) if mask is not None else None
     # keywords only when given: DataParallel pads missing inputs badly
     extra = {"memory_state": state} if state is not None else {}
     extra.update({"scored": mask} if mask is not None else {})
-    extra.update({"forced_writes": forced} if forced else {})
     out = runner(batch[:, :-1], context=context, **extra)
     return out, (batch[:, 1:] if mask is None else batch[:, 1:][mask])
 
@@ -3342,8 +3311,7 @@ def forward_backward(runner, use_dnc, scaler, data, cfg, device, state):
             continue
         last = i == len(data.batches) - 1
         with runner.no_sync() if distributed() and not last else contextlib.nullcontext():
-            out, targets = forward_batch(runner, batch, mask, state, data.context, device,
-                                         data.forced_writes)
+            out, targets = forward_batch(runner, batch, mask, state, data.context, device)
             state = out.memory_state if cfg.carry_memory else state
             if counts[i]:
                 loss, parts = compute_loss(out, targets, cfg, use_dnc)

@@ -171,8 +171,6 @@ def run_main(root, args):
     (["--binding_from=1501"], "binding_from"),  # WikiText with interface_context=1: no effect
     (["--preset=recall", "--one_fact_batch_size=-1"], "one_fact_batch_size"),
     (["--one_fact_batch_size=64"], "one_fact_batch_size"),  # WikiText: no one-fact phase
-    (["--preset=recall", "--forced_write_rate=1"], "forced_write_rate"),
-    (["--forced_write_rate=0.1"], "forced_write_rate"),  # WikiText: no one-fact phase
     # the data checks come after the refusal to overwrite, so these pass --resume to reach them
     (["--data_dir={tmp}/empty_split", "--resume=true"], "data_dir"),
     (["--data_dir={tmp}/tiny", "--batch_size=64", "--seq_len=16", "--resume=true"], "batch_size"),

@@ -614,19 +614,6 @@ def test_interface_context_starts_as_the_current_token_alone_and_can_learn():
 # 5. Causality of the memory alone
 # ----------------------------------------------------------------------------------------
 
-def test_force_writes_sets_a_share_of_the_gates_to_one_and_leaves_the_rest():
-    torch.manual_seed(0)
-    logits = torch.randn(8, 500, 1, requires_grad=True)
-    gate = torch.sigmoid(logits)
-    forced = D.force_writes(gate, 0.3)
-    ones = forced == 1
-    assert abs(ones.float().mean().item() - 0.3) < 0.02 and (gate < 1).all()
-    assert torch.equal(forced[~ones], gate[~ones])
-    grad, = torch.autograd.grad(forced.sum(), logits)
-    assert (grad[ones] == 0).all() and (grad[~ones] > 0).all()  # no gradient where forced
-    assert torch.equal(D.force_writes(gate, 0.0), gate)
-
-
 @KERNELS
 @LINKS
 @pytest.mark.parametrize("k", [1, 3, 5])

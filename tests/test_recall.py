@@ -119,32 +119,6 @@ def test_one_fact_batch_size_sizes_the_steps_before_binding_from_only(task):
     assert D.Config().one_fact_batch_size == 0  # the runs made before the option
 
 
-def test_forced_write_rate_forces_write_gates_before_binding_from_only(task):
-    """Each training step's data says the chance of a forced write: forced_write_rate before
-    binding_from, 0 from it; the model's write gates in training are then 1 at about that
-    share of the tokens, and no forced gate reaches evaluation."""
-    cfg = D.Config(**{**TINY, "seq_len": 64, "recall_distances": "64", "binding_from": 3,
-                      "forced_write_rate": 0.4, "vocab_size": 50257})
-    recall = D.RecallTask(cfg, task)
-    assert [D.step_data(recall, cfg, s).forced_writes for s in (1, 2, 3, 4)] == [0.4, 0.4, 0, 0]
-    model = D.build_model(cfg, True).train()
-    seen, forward = [], model.forward
-
-    def recording(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        seen.append(out.write_gate)
-        return out
-
-    model.forward = recording
-    for step in (1, 3):
-        seen.clear()
-        D.forward_backward(model, True, torch.amp.GradScaler("cpu", enabled=False),
-                           D.step_data(recall, cfg, step), cfg, torch.device("cpu"), None)
-        share = torch.cat([g.flatten() for g in seen]).eq(1).float().mean().item()
-        assert (abs(share - 0.4) < 0.1) if step == 1 else share == 0
-    assert D.Config().forced_write_rate == 0  # the runs made before the option
-
-
 def test_the_recall_preset_starts_binding_at_step_1501():
     """One fact in the fixed layout until step 1,500, two facts with one asked, shifted, from
     step 1,501; without the shift, the fixed layout at every step."""

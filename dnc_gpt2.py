@@ -63,6 +63,7 @@ class Config:
     n_positions: int = 1024
     dropout: float = 0.1
     init_from: str = ""
+    zero_residual_init: bool = False
     # model: DNC
     mem_slots: int = 64
     mem_width: int = 128
@@ -203,6 +204,11 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "True: the LM head is the token embedding, as in GPT-2. False: its own copy, so that "
         "targets the model cannot predict (the recall codes) do not pull the input embeddings "
         "of those tokens together (README, Results: E27)"),
+    "zero_residual_init": (
+        "True: every block's two output projections (attention's and the MLP's) start at zero, "
+        "so each block starts as the identity and the hidden state after block k is the token "
+        "and position embeddings alone; GPT-2's own initialisation makes block 1's random "
+        "output as large as the embeddings (Results: ZR)"),
     "zero_read_proj": (
         "True: `read_proj` starts at zero, so that at step 0 the DNC model computes exactly "
         "the baseline's logits; on the recall task it started the lookup on the one seed of "
@@ -624,6 +630,9 @@ def validate_config(cfg):
          "one_fact_batch_size", f"one_fact_batch_size={cfg.one_fact_batch_size} sizes the "
          f"recall steps before binding_from; with dataset={cfg.dataset} and binding_from="
          f"{cfg.binding_from} there are none, so leave it at 0"),
+        (not (cfg.zero_residual_init and cfg.init_from), "zero_residual_init",
+         f"zero_residual_init=true would zero the projections that --init_from={cfg.init_from} "
+         f"loads; drop one of them"),
         (cfg.keep_checkpoints >= 0, "keep_checkpoints",
          f"keep_checkpoints={cfg.keep_checkpoints} must be >= 0 (0 = keep every checkpoint)"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
@@ -2340,6 +2349,8 @@ class GPT2LM(nn.Module):
             n_layer=cfg.num_layers, n_head=cfg.num_heads, resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, use_cache=False,
             bos_token_id=special, eos_token_id=special, attn_implementation="sdpa"))
+        if cfg.zero_residual_init:
+            zero_residual_projections(self.transformer)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         if not cfg.tie_embeddings:
@@ -2411,6 +2422,18 @@ class GPT2LM(nn.Module):
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
+
+
+def zero_residual_projections(transformer):
+    """Each block's writes to the residual stream (attention's c_proj, the MLP's c_proj) set to
+    zero, so every block starts as the identity. With GPT-2's initialisation at small widths the
+    first block adds a random function of its inputs as large as the embeddings themselves, and
+    the memory below the head reads that draw; zeroing it draws no random numbers, so every
+    other weight is the seed's as without it."""
+    with torch.no_grad():
+        for block in transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
 
 
 def at_scored(x, scored):
@@ -2748,7 +2771,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
               "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_queries", "recall_shift",
-              "context_stride", "memory_layer", "init_from")
+              "context_stride", "memory_layer", "init_from", "zero_residual_init")
 
 
 class CodeTag(NamedTuple):

@@ -63,7 +63,6 @@ class Config:
     n_positions: int = 1024
     dropout: float = 0.1
     init_from: str = ""
-    zero_residual_init: bool = False
     # model: DNC
     mem_slots: int = 64
     mem_width: int = 128
@@ -204,11 +203,6 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
         "True: the LM head is the token embedding, as in GPT-2. False: its own copy, so that "
         "targets the model cannot predict (the recall codes) do not pull the input embeddings "
         "of those tokens together (README, Results: E27)"),
-    "zero_residual_init": (
-        "True: every block's two output projections (attention's and the MLP's) start at zero, "
-        "so each block starts as the identity and the hidden state after block k is the token "
-        "and position embeddings alone; GPT-2's own initialisation makes block 1's random "
-        "output as large as the embeddings (Results: ZR)"),
     "zero_read_proj": (
         "True: `read_proj` starts at zero, so that at step 0 the DNC model computes exactly "
         "the baseline's logits; on the recall task it started the lookup on the one seed of "
@@ -630,9 +624,6 @@ def validate_config(cfg):
          "one_fact_batch_size", f"one_fact_batch_size={cfg.one_fact_batch_size} sizes the "
          f"recall steps before binding_from; with dataset={cfg.dataset} and binding_from="
          f"{cfg.binding_from} there are none, so leave it at 0"),
-        (not (cfg.zero_residual_init and cfg.init_from), "zero_residual_init",
-         f"zero_residual_init=true would zero the projections that --init_from={cfg.init_from} "
-         f"loads; drop one of them"),
         (cfg.keep_checkpoints >= 0, "keep_checkpoints",
          f"keep_checkpoints={cfg.keep_checkpoints} must be >= 0 (0 = keep every checkpoint)"),
         (cfg.mem_slots >= 2, "mem_slots", "mem_slots must be >= 2 (the write entropy is "
@@ -2349,8 +2340,6 @@ class GPT2LM(nn.Module):
             n_layer=cfg.num_layers, n_head=cfg.num_heads, resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, use_cache=False,
             bos_token_id=special, eos_token_id=special, attn_implementation="sdpa"))
-        if cfg.zero_residual_init:
-            zero_residual_projections(self.transformer)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         if not cfg.tie_embeddings:
@@ -2422,18 +2411,6 @@ class GPT2LM(nn.Module):
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
-
-
-def zero_residual_projections(transformer):
-    """Each block's writes to the residual stream (attention's c_proj, the MLP's c_proj) set to
-    zero, so every block starts as the identity. With GPT-2's initialisation at small widths the
-    first block adds a random function of its inputs as large as the embeddings themselves, and
-    the memory below the head reads that draw; zeroing it draws no random numbers, so every
-    other weight is the seed's as without it."""
-    with torch.no_grad():
-        for block in transformer.h:
-            block.attn.c_proj.weight.zero_()
-            block.mlp.c_proj.weight.zero_()
 
 
 def at_scored(x, scored):
@@ -2771,7 +2748,7 @@ RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positio
               "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
               "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_queries", "recall_shift",
-              "context_stride", "memory_layer", "init_from", "zero_residual_init")
+              "context_stride", "memory_layer", "init_from")
 
 
 class CodeTag(NamedTuple):
@@ -2787,6 +2764,7 @@ MEMORY_BANKS = CodeTag("memory-banks", "f8e99a3")
 WRITE_GATE_GRAD = CodeTag("write-gate-grad", "c5c0f2d")
 INTERFACE_GRAD = CodeTag("interface-grad", "c801b3b")
 FORCED_WRITE_RATE = CodeTag("forced-write-rate", "69f98b5")
+ZERO_RESIDUAL_INIT = CodeTag("zero-residual-init", "72e99e0")
 # Options that lost (experiments/LOG.md), their defaults, and the code that still has them: a
 # checkpoint made with another value needs that code
 REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEANUP),
@@ -2796,7 +2774,8 @@ REMOVED_OPTIONS = {"lambda_write": (0.0, CLEANUP), "write_gate_bias": (0.0, CLEA
                    "memory_grad": ("all", MEMORY_GRAD), "warmup_steps": (0, WARMUP),
                    "memory_banks": (1, MEMORY_BANKS), "write_gate_grad": (1.0, WRITE_GATE_GRAD),
                    "interface_grad": ("all", INTERFACE_GRAD),
-                   "forced_write_rate": (0.0, FORCED_WRITE_RATE)}
+                   "forced_write_rate": (0.0, FORCED_WRITE_RATE),
+                   "zero_residual_init": (False, ZERO_RESIDUAL_INIT)}
 # binding_from replaced three steps that the recall preset always moved together
 BINDING_STEPS = ("recall_facts_from", "recall_shift_from", "interface_context_from")
 

@@ -303,39 +303,6 @@ def test_zero_read_proj_makes_the_dnc_model_the_baseline_at_step_0_and_then_lear
     assert default.read_proj.weight.abs().max() > 0
 
 
-@pytest.mark.parametrize("use_dnc", [False, True], ids=["baseline", "dnc"])
-def test_zero_residual_init_starts_every_block_as_the_identity_and_changes_nothing_else(use_dnc):
-    cfg = tiny_cfg(False, zero_residual_init=True)
-    plain, zeroed = D.build_model(tiny_cfg(False), use_dnc), D.build_model(cfg, use_dnc)
-    projections = {f"transformer.h.{i}.{part}.c_proj.weight" for i in range(cfg.num_layers)
-                   for part in ("attn", "mlp")}
-    plain_weights, zeroed_weights = dict(plain.named_parameters()), dict(zeroed.named_parameters())
-    for name, weight in zeroed_weights.items():
-        if name in projections:
-            assert weight.abs().max() == 0 and plain_weights[name].abs().max() > 0
-        else:  # zeroing draws no random numbers: every other weight is the seed's
-            torch.testing.assert_close(weight, plain_weights[name], rtol=0, atol=0)
-    ids = random_ids(cfg)
-    x = zeroed.embed(ids)
-    for block in zeroed.transformer.h:
-        torch.testing.assert_close(block(x), x, rtol=0, atol=0)
-    assert (plain.transformer.h[0](x) - x).norm() > 0.1 * x.norm()  # GPT-2's own init: not so
-
-
-def test_zero_residual_init_learns_its_projections_from_zero():
-    cfg = tiny_cfg(False, zero_residual_init=True)
-    model = D.build_model(cfg, True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = random_ids(cfg, length=cfg.seq_len + 1)
-    for _ in range(2):  # the first step moves c_proj; the second then reaches c_attn and c_fc
-        optimizer.zero_grad()
-        D.compute_loss(model(ids[:, :-1]), ids[:, 1:], cfg, True)[0].backward()
-        optimizer.step()
-    block = model.transformer.h[0]
-    assert block.attn.c_proj.weight.abs().max() > 0 and block.mlp.c_proj.weight.abs().max() > 0
-    assert block.attn.c_attn.weight.grad.abs().max() > 0
-
-
 @pytest.mark.parametrize("use_dnc", [False, True])
 def test_an_untied_head_starts_as_the_tied_one_and_then_learns_apart_from_the_embedding(use_dnc):
     tied, untied = (D.build_model(tiny_cfg(False, tie_embeddings=t), use_dnc) for t in (True, False))

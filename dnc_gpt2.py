@@ -88,6 +88,7 @@ class Config:
     grad_clip: float = 1.0
     lambda_routing: float = 0.1
     lambda_entropy: float = 0.05
+    answer_readout: float = 0.0
     seed: int = 1337
     seeds: str = ""
     # logging and checkpoints
@@ -240,6 +241,10 @@ FIELD_HELP = {  # the meaning of every Config field: --help and the README table
     "grad_clip": "gradient-norm clip",
     "lambda_routing": "λ_r, weight of the routing loss",
     "lambda_entropy": "λ_e, weight of the write-entropy loss",
+    "answer_readout": (
+        "λ_a, weight of a cross-entropy that predicts the recall answers from the DNC's reads "
+        "alone, through a linear head of their own (0: none). A path from the reads to the "
+        "answers that no weight of GPT-2 can shrink, for the lookup's start (README, Results)"),
     "seed": "initial weights, data order and dropout",
     "seeds": (
         "empty: the one `seed`; else S1,S2,...: the paired comparison once per seed (its "
@@ -559,6 +564,10 @@ def validate_config(cfg):
          f"lambda_routing={cfg.lambda_routing} must be a finite number >= 0"),
         (0 <= cfg.lambda_entropy < math.inf, "lambda_entropy",
          f"lambda_entropy={cfg.lambda_entropy} must be a finite number >= 0"),
+        (0 <= cfg.answer_readout < math.inf, "answer_readout",
+         f"answer_readout={cfg.answer_readout} must be a finite number >= 0"),
+        (cfg.answer_readout == 0 or cfg.dataset == "recall", "answer_readout",
+         "answer_readout needs --dataset=recall (WikiText has no answers)"),
         (0 <= cfg.dropout < 1, "dropout", f"dropout={cfg.dropout} must be in [0, 1)"),
         (math.isfinite(cfg.allocation_gate_bias), "allocation_gate_bias",
          f"allocation_gate_bias={cfg.allocation_gate_bias} must be a finite number"),
@@ -2322,6 +2331,8 @@ class LMOutput(NamedTuple):
     nomem_logits: Optional[torch.Tensor] = None  # as logits, read vector left out; DNC at the
     # head only, in evaluation and for the routing loss
     memory_state: Optional[DNCState] = None  # DNC state after the last token (carry_memory)
+    readout_logits: Optional[torch.Tensor] = None  # (K_a, V) from the reads alone at the K_a
+    # answer positions given to forward; DNC with answer_readout only
 
 
 class GPT2LM(nn.Module):
@@ -2367,13 +2378,15 @@ class GPT2LM(nn.Module):
             with torch.no_grad():
                 self.memory.interface_proj.bias[self.memory.allocation_gate_index] = \
                     cfg.allocation_gate_bias
+        self.readout = answer_readout_head(cfg) if use_dnc and cfg.answer_readout > 0 else None
 
-    def forward(self, input_ids, memory_state=None, scored=None, context=True):
+    def forward(self, input_ids, memory_state=None, scored=None, context=True, answers=None):
         """memory_state: the DNC state to start from (carry_memory); None starts fresh.
 
         scored (B, T) bool: compute the logits only at these positions, as (K, V) in row-major
         order (loss_on=answers); the LM head over 50,257 classes is then nearly free.
         context: whether the DNC's interface reads the earlier tokens (binding_from).
+        answers (B, T) bool: where the answer readout predicts from the reads (answer_readout).
         """
         with self.autocast(input_ids.device):
             h, memory = self.embed(input_ids), None
@@ -2392,8 +2405,11 @@ class GPT2LM(nn.Module):
                     with torch.no_grad():
                         nomem_logits = self.lm_head(at_scored(h, scored))
             logits = self.lm_head(at_scored(x, scored))
+            readout_logits = None
+            if self.readout is not None and answers is not None:
+                readout_logits = self.readout(at_scored(memory.reads.flatten(-2), answers))
         return LMOutput(logits, memory.write_gate, memory.write_weights, nomem_logits,
-                        memory.state)
+                        memory.state, readout_logits)
 
     def embed(self, input_ids):
         """GPT-2's token and position embeddings, with embedding dropout."""
@@ -2411,6 +2427,22 @@ class GPT2LM(nn.Module):
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
+
+
+READOUT_STREAM = 7919  # added to the seed: the answer readout's own random stream
+
+
+def answer_readout_head(cfg):
+    """answer_readout's head: logits over the vocabulary = A r_t, from the reads r_t (R·W)
+    alone. The answers' gradient otherwise reaches the read keys only as read_proj^T times
+    GPT-2's gradient, both small while the reads are a flat average; this path cannot shrink.
+    Drawn from a stream of its own, N(0, 0.02²) as GPT-2's weights, and built after every other
+    weight, so that each of those is the one the seed gives without it."""
+    head = nn.Linear(cfg.num_reads * cfg.mem_width, cfg.vocab_size, bias=False)
+    generator = torch.Generator().manual_seed(cfg.seed + READOUT_STREAM)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.02)
+    return head
 
 
 def at_scored(x, scored):
@@ -2517,22 +2549,33 @@ def entropy_loss(write_weights):
     return write_entropy(write_weights).mean()
 
 
-def compute_loss(out, targets, cfg, use_dnc):
-    """L = L_LM, and for the DNC + λ_e L_entropy + λ_r L_routing; the total and its parts as
-    floats. out.logits: (B, T, V) with targets (B, T), or (K, V) at the scored positions with
-    targets (K,). The routing loss needs the read-free prediction at every position where a
-    gate is trained, which validate_config ensures wherever λ_r > 0."""
+def readout_loss(readout_logits, answer_targets):
+    """L_readout: cross-entropy of the answer digits predicted from the reads alone."""
+    return F.cross_entropy(readout_logits.float(), answer_targets)
+
+
+def compute_loss(out, targets, cfg, use_dnc, answer_targets=None):
+    """L = L_LM, and for the DNC + λ_e L_entropy + λ_r L_routing + λ_a L_readout; the total and
+    its parts as floats. out.logits: (B, T, V) with targets (B, T), or (K, V) at the scored
+    positions with targets (K,). The routing loss needs the read-free prediction at every
+    position where a gate is trained, which validate_config ensures wherever λ_r > 0. The
+    readout loss needs out.readout_logits and the answer targets (K_a,); with none (a segment
+    without answers) it adds nothing."""
     log_probs = F.log_softmax(out.logits.float(), -1)  # shared by the LM loss and the KL
     lm = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1))
     if not use_dnc:
         return lm, {"lm": lm.item()}
     entropy = entropy_loss(out.write_weights)
-    total = lm + cfg.lambda_entropy * entropy
-    if cfg.lambda_routing == 0:
-        return total, {"lm": lm.item(), "entropy": entropy.item()}
-    routing = routing_loss(out.write_gate, token_kl(log_probs.detach(), out.nomem_logits))
-    total = total + cfg.lambda_routing * routing
-    return total, {"lm": lm.item(), "routing": routing.item(), "entropy": entropy.item()}
+    total, parts = lm + cfg.lambda_entropy * entropy, {"lm": lm.item(), "entropy": entropy.item()}
+    if cfg.lambda_routing > 0:
+        routing = routing_loss(out.write_gate, token_kl(log_probs.detach(), out.nomem_logits))
+        total = total + cfg.lambda_routing * routing
+        parts["routing"] = routing.item()
+    if out.readout_logits is not None and answer_targets is not None and answer_targets.numel():
+        readout = readout_loss(out.readout_logits, answer_targets)
+        total = total + cfg.answer_readout * readout
+        parts["readout"] = readout.item()
+    return total, parts
 
 
 DNC_METRIC_SUMS = ("gate", "gate_sq", "writes", "write_entropy", "kl")
@@ -2744,9 +2787,9 @@ MODEL_NAMES = ("GPT2 Baseline", "GPT2 + DNC")  # index: use_dnc
 RUN_FIELDS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "n_positions", "dropout",
               "mem_slots", "mem_width", "num_reads", "temporal_links", "batch_size", "seq_len",
               "lr", "lr_decay_from", "min_lr", "grad_clip", "lambda_routing", "lambda_entropy",
-              "seed", "carry_memory", "bptt_segments", "controller_grad", "zero_read_proj",
-              "tie_embeddings", "allocation_gate_bias", "interface_context", "binding_from",
-              "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
+              "answer_readout", "seed", "carry_memory", "bptt_segments", "controller_grad",
+              "zero_read_proj", "tie_embeddings", "allocation_gate_bias", "interface_context",
+              "binding_from", "one_fact_batch_size", "dataset", "recall_distances", "loss_on",
               "curriculum_steps", "recall_facts", "recall_queries", "recall_shift",
               "context_stride", "memory_layer", "init_from")
 
@@ -2939,8 +2982,8 @@ def wrap_for_hardware(model, cfg, device):
 
 
 # per-step sums, all-reduced over processes: token-weighted train metrics and the stop request
-STEP_SUMS = ("tokens", "correct", "total", "lm", "routing", "entropy", "gate", "stop")
-DNC_SUMS = ("routing", "entropy", "gate")
+STEP_SUMS = ("tokens", "correct", "total", "lm", "routing", "entropy", "readout", "gate", "stop")
+DNC_SUMS = ("routing", "entropy", "readout", "gate")
 
 
 class TrainLog:
@@ -3132,7 +3175,7 @@ def scored_targets(answer_masks, cfg):
 
 
 # The two tasks share one interface: source and snippet (for the reports), valid and test (what
-# evaluate takes), steps_per_epoch, step_batches(step) -> (batches, scored masks),
+# evaluate takes), steps_per_epoch, step_batches(step) -> (batches, scored masks, answer masks),
 # fresh_memory(step), evaluate(model, split), table(results), save_outputs(results).
 
 
@@ -3157,7 +3200,7 @@ class WikiTextTask:
 
     def step_batches(self, step):
         batches = micro_batches(self.units, self.cfg, step, self.steps_per_epoch)
-        return batches, [None] * len(batches)
+        return batches, [None] * len(batches), None
 
     def fresh_memory(self, step):
         """A carried DNC state starts empty at each epoch."""
@@ -3204,8 +3247,8 @@ class RecallTask:
                                              training_facts(cfg, step), training_shift(cfg, step))
         batches, masks = zip(*episode_segments(episodes, cfg.seq_len))
         if cfg.loss_on == "answers":
-            return list(batches), scored_targets(masks, cfg)
-        return list(batches), [None] * len(batches)
+            return list(batches), scored_targets(masks, cfg), list(masks)
+        return list(batches), [None] * len(batches), list(masks)
 
     def fresh_memory(self, step):
         return True
@@ -3239,11 +3282,13 @@ class StepData(NamedTuple):
     batches: list  # (B, T + 1) token ids, in order (carry_memory: consecutive segments)
     scored: list  # per batch, the (B, T) targets of the LM loss; None: every target
     context: bool  # whether the DNC's interface reads the earlier tokens (binding_from)
+    answers: Optional[list] = None  # per batch, the (B, T) answer targets; None: no answers
 
 
 def step_data(task, cfg, step):
     """What the task trains on at this step, with the step's settings."""
-    return StepData(*task.step_batches(step), binding(cfg, step))
+    batches, scored, answers = task.step_batches(step)
+    return StepData(batches, scored, binding(cfg, step), answers)
 
 
 def learning_rate(cfg, step, total_steps):
@@ -3272,15 +3317,19 @@ def scored_count(batch, mask):
     return batch[:, 1:].numel() if mask is None else int(mask.sum())
 
 
-def forward_batch(runner, batch, mask, state, context, device):
-    """The model's output on one batch and the targets it is scored on."""
+def forward_batch(runner, batch, mask, state, context, device, answers=None):
+    """The model's output on one batch, the targets it is scored on, and with `answers` (the
+    answer readout's positions) the targets there (else None)."""
     batch = batch.to(device)
     mask = mask.to(device) if mask is not None else None
+    answers = answers.to(device) if answers is not None else None
     # keywords only when given: DataParallel pads missing inputs badly
     extra = {"memory_state": state} if state is not None else {}
     extra.update({"scored": mask} if mask is not None else {})
+    extra.update({"answers": answers} if answers is not None else {})
     out = runner(batch[:, :-1], context=context, **extra)
-    return out, (batch[:, 1:] if mask is None else batch[:, 1:][mask])
+    answer_targets = batch[:, 1:][answers] if answers is not None else None
+    return out, (batch[:, 1:] if mask is None else batch[:, 1:][mask]), answer_targets
 
 
 def add_step_sums(sums, out, targets, loss, parts):
@@ -3308,15 +3357,18 @@ def forward_backward(runner, use_dnc, scaler, data, cfg, device, state):
     counts = [scored_count(batch, mask) for batch, mask in zip(data.batches, data.scored)]
     sums, pending = dict.fromkeys(STEP_SUMS, 0.0), 0.0
     carries = cfg.carry_memory and use_dnc
+    read_out = use_dnc and cfg.answer_readout > 0
     for i, (batch, mask) in enumerate(zip(data.batches, data.scored)):
         if not counts[i] and not carries:  # nothing to learn from it, no state to pass on
             continue
         last = i == len(data.batches) - 1
+        answers = data.answers[i] if read_out else None
         with runner.no_sync() if distributed() and not last else contextlib.nullcontext():
-            out, targets = forward_batch(runner, batch, mask, state, data.context, device)
+            out, targets, answer_targets = forward_batch(runner, batch, mask, state,
+                                                         data.context, device, answers)
             state = out.memory_state if cfg.carry_memory else state
             if counts[i]:
-                loss, parts = compute_loss(out, targets, cfg, use_dnc)
+                loss, parts = compute_loss(out, targets, cfg, use_dnc, answer_targets)
                 pending = pending + loss * (counts[i] / sum(counts))
                 add_step_sums(sums, out, targets, loss, parts)
             if (last or not carries) and torch.is_tensor(pending):

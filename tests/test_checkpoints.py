@@ -353,8 +353,8 @@ def poison_loss(monkeypatch, at_call):
     """compute_loss returns NaN (still differentiable) on its at_call-th call."""
     real_compute_loss, calls = D.compute_loss, []
 
-    def poisoned(out, targets, cfg, use_dnc):
-        loss, parts = real_compute_loss(out, targets, cfg, use_dnc)
+    def poisoned(out, targets, cfg, use_dnc, answer_targets=None):
+        loss, parts = real_compute_loss(out, targets, cfg, use_dnc, answer_targets)
         calls.append(1)
         return (loss * math.nan if len(calls) == at_call else loss), parts
 

@@ -171,6 +171,8 @@ def run_main(root, args):
     (["--binding_from=1501"], "binding_from"),  # WikiText with interface_context=1: no effect
     (["--preset=recall", "--one_fact_batch_size=-1"], "one_fact_batch_size"),
     (["--one_fact_batch_size=64"], "one_fact_batch_size"),  # WikiText: no one-fact phase
+    (["--preset=recall", "--answer_readout=-1"], "answer_readout"),
+    (["--answer_readout=1"], "answer_readout"),  # WikiText: no answers to read out
     # the data checks come after the refusal to overwrite, so these pass --resume to reach them
     (["--data_dir={tmp}/empty_split", "--resume=true"], "data_dir"),
     (["--data_dir={tmp}/tiny", "--batch_size=64", "--seq_len=16", "--resume=true"], "batch_size"),

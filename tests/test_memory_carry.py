@@ -139,7 +139,7 @@ def test_training_steps_carry_the_state_and_detach_at_the_boundary(record_interf
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(0))
     task = D.WikiTextTask(cfg, {"train": ids, "valid": ids, "test": ids}, "test")
-    batches, scored = task.step_batches(1)
+    batches, scored, _ = task.step_batches(1)
     assert len(batches) == 2 and torch.equal(batches[0][:, -1], batches[1][:, 0])
     with torch.no_grad():  # the expected loss: segment 2 starts from segment 1's final state
         first = model(batches[0][:, :-1])

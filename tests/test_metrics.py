@@ -289,6 +289,33 @@ def test_compute_loss_composition():
     assert total.item() == pytest.approx(lm + 0.7 * entropy, **TOL)
 
 
+def test_the_readout_loss_is_the_answers_cross_entropy_from_the_reads_alone():
+    gen = torch.Generator().manual_seed(3)
+    B, T, V, N, K = 2, 5, 11, 4, 3
+    logits = torch.randn(B, T, V, generator=gen)
+    gate, weights = torch.rand(B, T, generator=gen), torch.rand(B, T, N, generator=gen)
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    readout = torch.randn(K, V, generator=gen, requires_grad=True)
+    answers = torch.randint(0, V, (K,), generator=gen)
+    x = readout.detach().double()  # by hand: -log softmax at the answer, averaged
+    by_hand = (x.exp().sum(-1).log() - x.gather(-1, answers.unsqueeze(-1)).squeeze(-1)).mean()
+    cfg = D.Config(lambda_routing=0.0, lambda_entropy=0.7, answer_readout=0.4)
+    out = D.LMOutput(logits, gate, weights, None, None, readout)
+    total, parts = D.compute_loss(out, targets, cfg, True, answers)
+    assert set(parts) == {"lm", "entropy", "readout"}
+    assert parts["readout"] == pytest.approx(by_hand.item(), **TOL)
+    assert total.item() == pytest.approx(
+        parts["lm"] + 0.7 * parts["entropy"] + 0.4 * by_hand.item(), **TOL)
+    # a segment without answers adds nothing (and no NaN from an empty mean)
+    empty, parts = D.compute_loss(out._replace(readout_logits=readout[:0]), targets, cfg, True,
+                                  answers[:0])
+    assert "readout" not in parts
+    assert empty.item() == pytest.approx(parts["lm"] + 0.7 * parts["entropy"], **TOL)
+    # no readout logits (answer_readout = 0): the loss is the one without it
+    plain, _ = D.compute_loss(dnc_output(logits, gate, weights, None), targets, cfg, True, answers)
+    assert plain.item() == pytest.approx(empty.item(), **TOL)
+
+
 def test_the_routing_loss_leaves_the_gradient_of_the_logits_unchanged():
     gen = torch.Generator().manual_seed(1)
     B, T, V, N = 2, 5, 11, 4

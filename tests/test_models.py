@@ -346,6 +346,40 @@ def test_without_a_routing_loss_training_skips_the_no_memory_logits():
     assert with_routing.nomem_logits is not None
 
 
+@pytest.mark.parametrize("layer", [1, 2])  # inside GPT-2, and at its head
+def test_the_answer_readout_reads_the_reads_alone_and_changes_no_other_weight(layer):
+    plain_cfg = tiny_cfg(False, lambda_routing=0.0, memory_layer=layer, controller_grad=1.0,
+                         tie_embeddings=False)  # as --preset=recall
+    cfg = dataclasses.replace(plain_cfg, answer_readout=0.5)
+    plain, model = D.build_model(plain_cfg, True), D.build_model(cfg, True)
+    before, after = plain.state_dict(), model.state_dict()
+    assert set(after) - set(before) == {"readout.weight"}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the seed's weights, all
+    assert model.readout.weight.shape == (cfg.vocab_size, cfg.num_reads * cfg.mem_width)
+    assert model.readout.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert plain.readout is None and D.build_model(cfg, False).readout is None
+    other = D.build_model(dataclasses.replace(cfg, seed=cfg.seed + 1), True)
+    assert not torch.equal(other.readout.weight, model.readout.weight)  # drawn from the seed
+
+    reads = []
+    model.memory.register_forward_hook(lambda module, args, out: reads.append(out.reads))
+    ids = random_ids(cfg)
+    answers = torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) < 0.3
+    out = model.train()(ids, answers=answers)
+    r = reads[0].detach().double()[answers].flatten(-2)  # (K_a, R W), row-major like the mask
+    expected = r @ model.readout.weight.detach().double().T
+    assert out.readout_logits.shape == (int(answers.sum()), cfg.vocab_size)
+    torch.testing.assert_close(out.readout_logits.double(), expected, rtol=1e-5, atol=1e-7)
+    # the model's own prediction is the one without the readout
+    torch.testing.assert_close(out.logits, plain.train()(ids).logits, rtol=0, atol=0)
+    assert model(ids).readout_logits is None  # no answers given, no readout
+    # the readout's loss reaches the read keys and GPT-2 below the memory, not the LM head
+    out.readout_logits.square().sum().backward()
+    assert model.memory.interface_proj.weight.grad.abs().max() > 0
+    assert model.transformer.h[0].mlp.c_fc.weight.grad.abs().max() > 0
+    assert model.lm_head.weight.grad is None and model.read_proj.weight.grad is None
+
+
 MEMORY_LAYERS = pytest.mark.parametrize("layer", [0, 1, 2, 3])  # of 3 blocks; 0 = the last
 
 

@@ -93,7 +93,7 @@ def test_binding_from_switches_the_facts_and_the_layout_at_the_same_step(task, s
     recall = D.RecallTask(cfg, shifted_task)
     for step, layout, facts in ((1, task, 1), (2, task, 1), (3, shifted_task, 2),
                                 (4, shifted_task, 2)):
-        batches, _ = recall.step_batches(step)
+        batches, _, _ = recall.step_batches(step)
         expected = layout.train_batch(step, cfg.batch_size, [64], None, facts)
         assert torch.equal(torch.cat([b[:, :-1] for b in batches], 1), expected.ids[:, :-1])
     # the run's task, from which validation and test are drawn, is shifted at every step
@@ -110,7 +110,7 @@ def test_one_fact_batch_size_sizes_the_steps_before_binding_from_only(task):
     recall = D.RecallTask(cfg, task)
     for step, rows, facts in ((1, 5, 1), (2, 5, 1), (3, 2, 2), (4, 2, 2)):
         assert D.training_rows(cfg, step) == rows
-        batches, masks = recall.step_batches(step)
+        batches, masks, _ = recall.step_batches(step)
         assert all(b.shape[0] == rows for b in batches) and all(m.shape[0] == rows for m in masks)
         expected = task.train_batch(step, rows, [64], None, facts)
         assert torch.equal(torch.cat([b[:, :-1] for b in batches], 1), expected.ids[:, :-1])
@@ -196,6 +196,45 @@ def test_train_step_weights_segments_by_their_scored_targets():
     assert sums["lm"] / sums["tokens"] == pytest.approx(nll.mean().item(), rel=1e-5)
     torch.testing.assert_close(before - model.read_proj.weight.detach(), expected_grad,
                                rtol=1e-4, atol=1e-7)
+
+
+def test_train_step_reads_out_the_answers_not_the_other_scored_targets():
+    cfg = D.Config(**{**TINY, "grad_clip": 1e9, "answer_readout": 0.5})
+    model = D.build_model(cfg, True)
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 97, (2, 9), generator=gen) for _ in range(3)]
+    batches[1][:, 0], batches[2][:, 0] = batches[0][:, -1], batches[1][:, -1]
+    answers = [torch.zeros(2, 8, dtype=torch.bool) for _ in range(3)]
+    answers[1][0, 3] = True
+    answers[2][:, 4:7] = True
+    scored = [mask.clone() for mask in answers]
+    for mask in scored:
+        mask[:, 1] = True  # a context target in every segment, not an answer
+    total, state = 0.0, None  # by hand: each segment's readout CE, weighted by its scored share
+    for batch, mask, answer in zip(batches, scored, answers):
+        out = model(batch[:, :-1], memory_state=state, answers=answer)
+        state = out.memory_state
+        if answer.any():
+            log_p = torch.log_softmax(out.readout_logits, -1)
+            nll = -log_p.gather(-1, batch[:, 1:][answer].unsqueeze(-1)).mean()
+            total = total + nll * int(mask.sum()) / sum(int(m.sum()) for m in scored)
+    expected_grad, = torch.autograd.grad(cfg.answer_readout * total, model.readout.weight)
+    before = model.readout.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is minus the gradient
+    sums, _, _ = D.train_step(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                              D.StepData(batches, scored, True, answers), cfg, D.StopFlag(),
+                              torch.device("cpu"))
+    assert sums["tokens"] == 2 + 3 + 8  # the scored targets: 1 + 6 answers, 6 others
+    assert sums["readout"] / sums["tokens"] == pytest.approx(total.item(), rel=1e-5)
+    torch.testing.assert_close(before - model.readout.weight.detach(), expected_grad,
+                               rtol=1e-4, atol=1e-7)
+    # and the task hands the loop its answers with the scored targets
+    recall = D.RecallTask(D.Config(**{**TINY, "seq_len": 64, "recall_distances": "64",
+                                      "context_stride": 8}), D.RecallGenerator(
+                                          D.load_tokenizer(), 64, seed=5))
+    data = D.step_data(recall, recall.cfg, 1)
+    assert all(torch.equal(s & a, a) and (s & ~a).any() for s, a in zip(data.scored, data.answers)
+               if a.any())
 
 
 # ─── the credit path ──────────────────────────────────────────────────────────────────────
@@ -490,13 +529,14 @@ def test_curriculum_unlocks_the_distances_in_order():
 def test_context_stride_adds_every_kth_target_to_the_answers(task):
     cfg = D.Config(**{**TINY, "seq_len": 64, "batch_size": 3, "context_stride": 8,
                       "recall_distances": "64"})
-    batches, masks = D.RecallTask(cfg, task).step_batches(4)
+    batches, masks, answers_given = D.RecallTask(cfg, task).step_batches(4)
     episodes = task.train_batch(4, 3, [64])
     answers = [m for _, m in D.episode_segments(episodes, 64)]
-    for mask, answer in zip(masks, answers):
+    for mask, answer, given in zip(masks, answers, answers_given):
         context = torch.zeros(64, dtype=torch.bool)
         context[7::8] = True
         assert torch.equal(mask, answer | context)
+        assert torch.equal(given, answer)  # the answer readout's positions: the answers alone
     only = D.RecallTask(D.Config(**{**TINY, "seq_len": 64, "batch_size": 3,
                                     "recall_distances": "64"}), task).step_batches(4)[1]
     assert all(torch.equal(m, a) for m, a in zip(only, answers))

@@ -170,15 +170,21 @@ def test_answer_loss_is_the_nll_of_the_scored_targets_of_the_full_logits(use_dnc
     assert parts["lm"] == pytest.approx(float(sum(by_hand) / 3), rel=1e-5)
 
 
-def test_train_step_weights_segments_by_their_scored_targets():
-    cfg = D.Config(**{**TINY, "grad_clip": 1e9})
-    model = D.build_model(cfg, True)
-    gen = torch.Generator().manual_seed(1)
+def linked_segments(seed):
+    """Three consecutive segments of two rows, and targets: 1 in the second, 6 in the third."""
+    gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, 97, (2, 9), generator=gen) for _ in range(3)]
     batches[1][:, 0], batches[2][:, 0] = batches[0][:, -1], batches[1][:, -1]
     masks = [torch.zeros(2, 8, dtype=torch.bool) for _ in range(3)]
     masks[1][0, 3] = True
     masks[2][:, 4:7] = True
+    return batches, masks
+
+
+def test_train_step_weights_segments_by_their_scored_targets():
+    cfg = D.Config(**{**TINY, "grad_clip": 1e9})
+    model = D.build_model(cfg, True)
+    batches, masks = linked_segments(1)
     nll, state = [], None  # by hand: the mean NLL over the step's 7 scored targets
     for batch, mask in zip(batches, masks):
         out = model(batch[:, :-1], memory_state=state)
@@ -201,12 +207,7 @@ def test_train_step_weights_segments_by_their_scored_targets():
 def test_train_step_reads_out_the_answers_not_the_other_scored_targets():
     cfg = D.Config(**{**TINY, "grad_clip": 1e9, "answer_readout": 0.5})
     model = D.build_model(cfg, True)
-    gen = torch.Generator().manual_seed(2)
-    batches = [torch.randint(0, 97, (2, 9), generator=gen) for _ in range(3)]
-    batches[1][:, 0], batches[2][:, 0] = batches[0][:, -1], batches[1][:, -1]
-    answers = [torch.zeros(2, 8, dtype=torch.bool) for _ in range(3)]
-    answers[1][0, 3] = True
-    answers[2][:, 4:7] = True
+    batches, answers = linked_segments(2)
     scored = [mask.clone() for mask in answers]
     for mask in scored:
         mask[:, 1] = True  # a context target in every segment, not an answer

@@ -525,7 +525,8 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_the_tag(tmp_path, ol
     ("write_gate_grad", 0.0, 1.0, "git tag write-gate-grad (commit c5c0f2d)"),
     ("interface_grad", "keys", "all", "git tag interface-grad (commit c801b3b)"),
     ("forced_write_rate", 0.1, 0.0, "git tag forced-write-rate (commit 69f98b5)"),
-    ("zero_residual_init", True, False, "git tag zero-residual-init (commit 72e99e0)")])
+    ("zero_residual_init", True, False, "git tag zero-residual-init (commit 72e99e0)"),
+    ("one_fact_batch_size", 64, 0, "git tag one-fact-batch-size (commit 44f0cb1)")])
 def test_a_checkpoint_of_an_option_removed_later_is_refused_naming_its_own_tag(
         tmp_path, name, value, default, code):
     cfg = D.Config(**RECALL)

@@ -60,6 +60,7 @@ def test_the_recall_preset_is_the_lookup_preset_with_its_task():
     recall = dnc_gpt2.PRESETS["recall"]
     assert {name: recall[name] for name in dnc_gpt2.LOOKUP} == dnc_gpt2.LOOKUP
     assert recall["binding_from"] == 1501
+    assert recall["answer_readout"] == 1.0 and dnc_gpt2.Config().answer_readout == 0.0
 
 
 @pytest.mark.parametrize("arg, field", [
@@ -169,8 +170,6 @@ def run_main(root, args):
     (["--seq_len=16", "--interface_context=17"], "interface_context"),
     (["--interface_context=3", "--binding_from=-1"], "binding_from"),
     (["--binding_from=1501"], "binding_from"),  # WikiText with interface_context=1: no effect
-    (["--preset=recall", "--one_fact_batch_size=-1"], "one_fact_batch_size"),
-    (["--one_fact_batch_size=64"], "one_fact_batch_size"),  # WikiText: no one-fact phase
     (["--preset=recall", "--answer_readout=-1"], "answer_readout"),
     (["--answer_readout=1"], "answer_readout"),  # WikiText: no answers to read out
     # the data checks come after the refusal to overwrite, so these pass --resume to reach them

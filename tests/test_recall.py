@@ -102,23 +102,6 @@ def test_binding_from_switches_the_facts_and_the_layout_at_the_same_step(task, s
                        shifted_task.split("valid", [64])[64].ids)
 
 
-def test_one_fact_batch_size_sizes_the_steps_before_binding_from_only(task):
-    """one_fact_batch_size episodes per step before binding_from, batch_size from it on; the
-    episodes are the ones a run of that batch size draws at that step (0: batch_size always)."""
-    cfg = D.Config(**{**TINY, "seq_len": 64, "recall_distances": "64", "binding_from": 3,
-                      "one_fact_batch_size": 5})
-    recall = D.RecallTask(cfg, task)
-    for step, rows, facts in ((1, 5, 1), (2, 5, 1), (3, 2, 2), (4, 2, 2)):
-        assert D.training_rows(cfg, step) == rows
-        batches, masks, _ = recall.step_batches(step)
-        assert all(b.shape[0] == rows for b in batches) and all(m.shape[0] == rows for m in masks)
-        expected = task.train_batch(step, rows, [64], None, facts)
-        assert torch.equal(torch.cat([b[:, :-1] for b in batches], 1), expected.ids[:, :-1])
-    default = D.Config(**{**vars(cfg), "one_fact_batch_size": 0})
-    assert [D.training_rows(default, step) for step in (1, 3)] == [2, 2]
-    assert D.Config().one_fact_batch_size == 0  # the runs made before the option
-
-
 def test_the_recall_preset_starts_binding_at_step_1501():
     """One fact in the fixed layout until step 1,500, two facts with one asked, shifted, from
     step 1,501; without the shift, the fixed layout at every step."""
